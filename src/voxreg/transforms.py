@@ -1,0 +1,592 @@
+"""Spatial transforms: the functional core of voxreg.
+
+Every function here is a pure function of tensors: 2D and 3D, batched, differentiable, on CPU and
+GPU, in float32 and float64. The conventions (stated once in ``docs/conventions.md``):
+
+* images are ``(B, C, *spatial)``, channels first;
+* a displacement ``disp`` is ``(B, ndim, *spatial)`` in voxels on the fixed grid, channel ``k``
+  being the displacement along spatial axis ``k`` (``ij`` indexing);
+* warping pulls back: ``moved(x) = moving(x + disp(x))``;
+* an affine ``(B, ndim, ndim+1)`` or ``(B, ndim+1, ndim+1)`` acts on voxel coordinates and also
+  pulls back: ``moved(x) = moving(A x)``; with ``shift_center`` the matrix acts on coordinates
+  centred on the middle of the grid, ``A x = M (x - c) + t + c`` with ``c = (shape - 1) / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from voxreg import _checks
+
+Interp = Literal["linear", "nearest"]
+
+__all__ = [
+    "affine_to_disp",
+    "compose",
+    "folding_fraction",
+    "identity_grid",
+    "integrate_velocity",
+    "invert",
+    "jacobian_determinant",
+    "resize_disp",
+    "warp",
+    "warp_points",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# grids and the sampling kernel
+# --------------------------------------------------------------------------------------------
+
+_GRID_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
+_GRID_CACHE_SIZE = 8
+
+
+def _cached(key: tuple, build) -> Tensor:
+    grid = _GRID_CACHE.get(key)
+    if grid is None:
+        grid = build()
+        _GRID_CACHE[key] = grid
+        if len(_GRID_CACHE) > _GRID_CACHE_SIZE:
+            _GRID_CACHE.popitem(last=False)
+    else:
+        _GRID_CACHE.move_to_end(key)
+    return grid
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Voxel coordinates of a grid, ``(ndim, *shape)``, ``ij`` indexing (``grid[k]`` = index on axis k).
+
+    The result is cached (a few grids, keyed by shape, device and dtype): do not modify it.
+    """
+    shape = _checks.check_shape(shape)
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def build() -> Tensor:
+        axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+    return _cached(("ij", shape, device, dtype), build)
+
+
+def _normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Identity sampling grid in grid_sample's layout: ``(*shape, ndim)``, last axis reversed
+    (x = last spatial axis first), values in [-1, 1] (``align_corners=True``)."""
+
+    def build() -> Tensor:
+        axes = [torch.linspace(-1.0, 1.0, s, device=device, dtype=dtype) if s > 1
+                else torch.zeros(1, device=device, dtype=dtype) for s in shape]
+        mesh = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack(mesh[::-1], dim=-1)
+
+    return _cached(("norm", shape, device, dtype), build)
+
+
+def _voxel_to_normalized_scale(shape: Sequence[int], device, dtype) -> Tensor:
+    """Per-axis factor turning a voxel displacement into grid_sample units, in reversed (xy) order."""
+    return torch.tensor([2.0 / max(s - 1, 1) for s in reversed(shape)], device=device, dtype=dtype)
+
+
+def _split_factor(batch: int, first_axis: int, device: torch.device, numel: int) -> int:
+    """How many pieces to cut a 3D sampling job into so that torch's CPU kernel, which parallelises
+    over the batch only, uses every core. 1 means no split."""
+    if device.type != "cpu" or batch != 1 or numel < 1 << 16:
+        return 1
+    threads = torch.get_num_threads()
+    for pieces in range(min(threads, first_axis), 1, -1):
+        if first_axis % pieces == 0:
+            return pieces
+    return 1
+
+
+def _grid_sample(image: Tensor, grid: Tensor, mode: str, padding: str) -> Tensor:
+    """``F.grid_sample`` with ``align_corners=True``, cut into pieces for 3D on CPU.
+
+    torch runs its 3D CPU kernel on one thread per batch element; viewing one volume's sampling
+    grid as ``k`` batch elements (the image expanded, not copied) runs it on ``k`` threads.
+    """
+    if image.dim() == 5:
+        batch, channels = image.shape[:2]
+        out_shape = grid.shape[1:4]
+        pieces = _split_factor(batch, out_shape[0], image.device, grid[..., 0].numel())
+        if pieces > 1:
+            grid = grid.reshape(pieces, out_shape[0] // pieces, *out_shape[1:], 3)
+            out = F.grid_sample(
+                image.expand(pieces, -1, -1, -1, -1), grid, mode=mode, padding_mode=padding,
+                align_corners=True,
+            )
+            if channels == 1:
+                return out.reshape(1, 1, *out_shape)
+            return out.transpose(0, 1).reshape(1, channels, *out_shape)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def _disp_to_grid(disp: Tensor) -> Tensor:
+    """Sampling grid ``(B, *spatial, ndim)`` (normalised, xy order) of ``x + disp(x)``."""
+    shape = tuple(disp.shape[2:])
+    identity = _normalized_identity(shape, disp.device, disp.dtype)
+    scale = _voxel_to_normalized_scale(shape, disp.device, disp.dtype)
+    return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+
+
+def _sample_disp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "zeros") -> Tensor:
+    """Unchecked pull-back warp by a dense displacement (shapes already validated)."""
+    return _grid_sample(image, _disp_to_grid(disp), mode, padding)
+
+
+def _centered_matrix(affine: Tensor, shape: Sequence[int], shift_center: bool) -> Tensor:
+    """Turn ``(B, n, n+1)`` acting on centred coordinates into one acting on voxel indices."""
+    if not shift_center:
+        return affine
+    ndim = affine.shape[1]
+    center = torch.tensor([(s - 1) / 2.0 for s in shape], device=affine.device, dtype=affine.dtype)
+    linear = affine[:, :, :ndim]
+    translation = affine[:, :, ndim] + center - linear @ center
+    return torch.cat([linear, translation.unsqueeze(-1)], dim=-1)
+
+
+def _affine_to_grid(affine: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sampling grid for a voxel-index affine ``(B, n, n+1)`` (pull-back), via ``F.affine_grid``."""
+    ndim = len(shape)
+    dtype, device = affine.dtype, affine.device
+    # normalised u = s * x - 1 (align_corners=True), with s = 2 / (n - 1)
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=device, dtype=dtype)
+    linear = affine[:, :, :ndim]
+    translation = affine[:, :, ndim]
+    # u_out = S L S^-1 (u_in + 1) + S t - 1
+    linear_n = scale[:, None] * linear / scale[None, :]
+    translation_n = linear_n.sum(-1) + scale * translation - 1.0
+    # affine_grid wants xy order: reverse rows and columns
+    theta = torch.cat([linear_n.flip(-1).flip(-2), translation_n.flip(-1).unsqueeze(-1)], dim=-1)
+    size = (affine.shape[0], 1, *shape)
+    return F.affine_grid(theta, size, align_corners=True)
+
+
+# --------------------------------------------------------------------------------------------
+# warping
+# --------------------------------------------------------------------------------------------
+
+
+def warp(
+    image: Tensor,
+    transform: Tensor,
+    interp: Interp = "linear",
+    fill_value: float = 0.0,
+    shift_center: bool = True,
+) -> Tensor:
+    """Warp ``image`` by a dense displacement or an affine matrix (pull-back).
+
+    Args:
+        image: ``(B, C, *spatial)`` moving image; integer label maps are allowed with
+            ``interp="nearest"`` and come back with their dtype and exact values.
+        transform: a displacement ``(B, ndim, *spatial)`` in voxels on the fixed grid
+            (``moved(x) = image(x + disp(x))``), or an affine ``(B, ndim, ndim+1)`` /
+            ``(B, ndim+1, ndim+1)`` (or without the batch axis) in voxel coordinates
+            (``moved(x) = image(A x)``). A batch of 1 on either side is broadcast.
+        interp: ``"linear"`` or ``"nearest"``.
+        fill_value: value of samples that fall outside the image.
+        shift_center: affines only: the matrix acts on coordinates centred on the grid's middle,
+            ``(shape - 1) / 2``, as VoxelMorph's affine layers do.
+
+    Returns:
+        ``(B, C, *spatial)`` moved image on the fixed grid (the displacement's grid; the
+        image's own grid for an affine).
+    """
+    ndim = _checks.check_image(image, "image")
+    _checks.check_interp(interp)
+    _checks.as_tensor(transform, "transform")
+    if not math.isfinite(fill_value):
+        raise ValueError(f"fill_value must be finite, got {fill_value}")
+    if _checks.is_affine(transform):
+        affine = _checks.check_affine(transform, ndim, "transform")
+        _checks.check_finite(affine, "transform")
+        batch = _checks.check_batch(image.shape[0], affine.shape[0], "image", "transform")
+        shape = tuple(image.shape[2:])
+        affine = _centered_matrix(affine.to(_float_dtype(image)), shape, shift_center)
+        grid = _affine_to_grid(affine.expand(batch, -1, -1), shape)
+    else:
+        if transform.dim() != image.dim():
+            raise ValueError(
+                f"transform must be a displacement (B, {ndim}, *spatial) or an affine "
+                f"(B, {ndim}, {ndim + 1}) for a {ndim}D image, got {tuple(transform.shape)}"
+            )
+        _checks.check_disp(transform, "transform", ndim)
+        _checks.check_finite(transform, "transform")
+        batch = _checks.check_batch(image.shape[0], transform.shape[0], "image", "transform")
+        grid = _disp_to_grid(transform.to(_float_dtype(image))).expand(batch, *([-1] * (ndim + 1)))
+    _checks.check_finite(image, "image") if image.is_floating_point() else None
+    return _sample(image, grid, interp, fill_value)
+
+
+def _float_dtype(image: Tensor) -> torch.dtype:
+    return image.dtype if image.is_floating_point() else torch.get_default_dtype()
+
+
+def _sample(image: Tensor, grid: Tensor, interp: Interp, fill_value: float) -> Tensor:
+    """Sample ``image`` at ``grid`` (both validated), handling integer labels and the fill value."""
+    batch = grid.shape[0]
+    if image.shape[0] != batch:
+        image = image.expand(batch, *image.shape[1:])
+    mode = "bilinear" if interp == "linear" else "nearest"
+    if not image.is_floating_point():
+        if interp == "linear":
+            image = image.to(torch.get_default_dtype())
+        else:
+            # float64 keeps every integer label up to 2**53 exact
+            values = image.to(torch.float64) - fill_value
+            moved = _grid_sample(values, grid.to(torch.float64), mode, "zeros") + fill_value
+            return moved.round().to(image.dtype)
+    if fill_value != 0.0:
+        return _grid_sample(image - fill_value, grid, mode, "zeros") + fill_value
+    return _grid_sample(image, grid, mode, "zeros")
+
+
+def affine_to_disp(affine: Tensor, shape: Sequence[int], shift_center: bool = True) -> Tensor:
+    """Dense displacement equal to an affine: ``disp(x) = A x - x`` on a grid of ``shape``.
+
+    Args:
+        affine: ``(B, ndim, ndim+1)`` or ``(B, ndim+1, ndim+1)`` (or unbatched) in voxel coordinates.
+        shape: spatial shape of the grid, ``ndim`` integers.
+        shift_center: the matrix acts on coordinates centred on ``(shape - 1) / 2``.
+
+    Returns:
+        ``(B, ndim, *shape)`` displacement in voxels.
+    """
+    shape = _checks.check_shape(shape)
+    affine = _checks.check_affine(affine, len(shape), "affine")
+    _checks.check_finite(affine, "affine")
+    ndim = len(shape)
+    matrix = _centered_matrix(affine, shape, shift_center)
+    grid = identity_grid(shape, affine.device, affine.dtype).reshape(ndim, -1)
+    linear = matrix[:, :, :ndim] - torch.eye(ndim, device=affine.device, dtype=affine.dtype)
+    disp = linear @ grid + matrix[:, :, ndim:]
+    return disp.reshape(affine.shape[0], ndim, *shape)
+
+
+# --------------------------------------------------------------------------------------------
+# composition, integration, inversion, resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _warp_field(field: Tensor, disp: Tensor) -> Tensor:
+    """Resample a displacement field at ``x + disp(x)``; outside the grid the border value holds
+    (a field extends beyond its grid more naturally than by zeros)."""
+    return _sample_disp(field, disp, "bilinear", "border")
+
+
+def compose(first: Tensor, second: Tensor, shift_center: bool = True) -> Tensor:
+    """The transform that applies ``first`` then ``second`` to an image.
+
+    ``warp(warp(image, first), second) == warp(image, compose(first, second))`` (up to
+    interpolation). In point terms, with pull-back maps ``phi(x) = x + disp(x)`` the result maps
+    ``x -> phi_first(phi_second(x))``.
+
+    Two affines give an affine (``(B, n, n+1)``, about the same centre). Otherwise the result is a
+    displacement ``(B, ndim, *spatial)`` on the grid of the dense argument (the grid of ``second``
+    when both are dense): that is the final fixed grid. An affine combined with a dense field is
+    first turned into a field on that grid.
+    """
+    _checks.as_tensor(first, "first")
+    _checks.as_tensor(second, "second")
+    first_affine, second_affine = _checks.is_affine(first), _checks.is_affine(second)
+    if first_affine and second_affine:
+        a = _checks.check_affine(first, None, "first")
+        b = _checks.check_affine(second, a.shape[1], "second")
+        _checks.check_batch(a.shape[0], b.shape[0], "first", "second")
+        return _compose_affine(a, b)
+    if first_affine:
+        ndim = _checks.check_disp(second, "second")
+        first = affine_to_disp(_checks.check_affine(first, ndim, "first"), second.shape[2:], shift_center)
+    elif second_affine:
+        ndim = _checks.check_disp(first, "first")
+        second = affine_to_disp(_checks.check_affine(second, ndim, "second"), first.shape[2:], shift_center)
+    else:
+        ndim = _checks.check_disp(first, "first")
+        _checks.check_disp(second, "second", ndim)
+    if first.shape[2:] != second.shape[2:]:
+        raise ValueError(
+            f"first and second must share a grid, got spatial shapes {tuple(first.shape[2:])} "
+            f"and {tuple(second.shape[2:])}"
+        )
+    batch = _checks.check_batch(first.shape[0], second.shape[0], "first", "second")
+    _checks.check_finite(first, "first")
+    _checks.check_finite(second, "second")
+    first = first.expand(batch, *first.shape[1:])
+    second = second.expand(batch, *second.shape[1:])
+    return second + _warp_field(first, second)
+
+
+def _homogeneous(affine: Tensor) -> Tensor:
+    ndim = affine.shape[1]
+    bottom = torch.zeros(affine.shape[0], 1, ndim + 1, device=affine.device, dtype=affine.dtype)
+    bottom[:, 0, ndim] = 1
+    return torch.cat([affine, bottom], dim=1)
+
+
+def _compose_affine(first: Tensor, second: Tensor) -> Tensor:
+    ndim = first.shape[1]
+    # moved(x) = image(A1 A2 x): the product, restricted to its top rows
+    return (_homogeneous(first) @ _homogeneous(second))[:, :ndim]
+
+
+def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
+    """Integrate a stationary velocity field by scaling and squaring.
+
+    ``disp = exp(velocity)``: the field is divided by ``2**steps`` and composed with itself
+    ``steps`` times. ``steps=0`` returns the field unchanged (a plain displacement model).
+
+    Args:
+        velocity: ``(B, ndim, *spatial)`` in voxels.
+        steps: number of squarings, >= 0.
+
+    Returns:
+        ``(B, ndim, *spatial)`` displacement of the diffeomorphism ``exp(velocity)``.
+    """
+    _checks.check_disp(velocity, "velocity")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    _checks.check_finite(velocity, "velocity")
+    return _integrate(velocity, steps)
+
+
+def _integrate(velocity: Tensor, steps: int) -> Tensor:
+    if steps == 0:
+        return velocity
+    disp = velocity * (1.0 / 2**steps)
+    for _ in range(steps):
+        disp = disp + _warp_field(disp, disp)
+    return disp
+
+
+def resize_disp(
+    disp: Tensor, factor: float | None = None, shape: Sequence[int] | None = None
+) -> Tensor:
+    """Resample a displacement field to another resolution and rescale its values.
+
+    Give either ``factor`` (new size = round(size * factor)) or the target ``shape``. The grids
+    are matched corner to corner (voxel 0 to voxel 0, last voxel to last voxel, as
+    ``align_corners=True``), and each component is scaled by ``(new - 1) / (old - 1)`` along its
+    axis, so an affine field stays exactly the same transform.
+
+    Returns:
+        ``(B, ndim, *new_shape)``.
+    """
+    ndim = _checks.check_disp(disp, "disp")
+    old = tuple(disp.shape[2:])
+    if (factor is None) == (shape is None):
+        raise ValueError("give exactly one of factor or shape")
+    if factor is not None:
+        if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"factor must be a positive number, got {factor!r}")
+        new = tuple(max(1, int(round(s * factor))) for s in old)
+    else:
+        new = _checks.check_shape(shape)
+        if len(new) != ndim:
+            raise ValueError(f"shape must have {ndim} entries for this field, got {new}")
+    return _resize(disp, new)
+
+
+def _resize(disp: Tensor, new: tuple[int, ...]) -> Tensor:
+    old = tuple(disp.shape[2:])
+    if new == old:
+        return disp
+    mode = "bilinear" if len(new) == 2 else "trilinear"
+    scale = torch.tensor(
+        [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(new, old)],
+        device=disp.device, dtype=disp.dtype,
+    ).view(1, -1, *([1] * len(new)))
+    if math.prod(new) < math.prod(old):  # shrink first: fewer values to scale
+        return F.interpolate(disp, size=new, mode=mode, align_corners=True) * scale
+    return F.interpolate(disp * scale, size=new, mode=mode, align_corners=True)
+
+
+def invert(
+    transform: Tensor,
+    velocity: bool = False,
+    iterations: int = 50,
+    tolerance: float = 1e-3,
+    return_residual: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Invert a transform.
+
+    * affine ``(B, n, n+1)`` / ``(B, n+1, n+1)``: exact matrix inverse, returned as ``(B, n, n+1)``;
+    * velocity field (``velocity=True``): the inverse of ``exp(v)`` is ``exp(-v)``, so the
+      negated velocity is returned (integrate it as usual);
+    * displacement: fixed-point iteration ``u <- -disp(y + u(y))`` until the largest change is
+      below ``tolerance`` voxels or ``iterations`` are done. It converges where the field is
+      invertible and not too steep (|grad disp| < 1).
+
+    With ``return_residual`` also returns, per batch element, the mean norm (voxels) of
+    ``compose(inverse, transform)`` (for fields; 0 for affines and velocities), so a caller can
+    tell how well the inverse holds.
+    """
+    _checks.as_tensor(transform, "transform")
+    if _checks.is_affine(transform):
+        affine = _checks.check_affine(transform, None, "transform")
+        _checks.check_finite(affine, "transform")
+        ndim = affine.shape[1]
+        inverse = torch.linalg.inv(_homogeneous(affine))[:, :ndim]
+        residual = torch.zeros(affine.shape[0], device=affine.device, dtype=affine.dtype)
+    else:
+        _checks.check_disp(transform, "transform")
+        _checks.check_finite(transform, "transform")
+        if velocity:
+            inverse = -transform
+            residual = torch.zeros(transform.shape[0], device=transform.device, dtype=transform.dtype)
+        else:
+            if not isinstance(iterations, int) or iterations < 1:
+                raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+            inverse = -transform
+            for _ in range(iterations):
+                updated = -_warp_field(transform, inverse)
+                change = (updated - inverse).abs().max()
+                inverse = updated
+                if change < tolerance:
+                    break
+            # phi(psi(y)) - y = u(y) + d(y + u(y))
+            error = inverse + _warp_field(transform, inverse)
+            residual = error.norm(dim=1).flatten(1).mean(1)
+    return (inverse, residual) if return_residual else inverse
+
+
+# --------------------------------------------------------------------------------------------
+# points
+# --------------------------------------------------------------------------------------------
+
+
+def warp_points(
+    points: Tensor,
+    transform: Tensor,
+    shape: Sequence[int] | None = None,
+    shift_center: bool = True,
+) -> Tensor:
+    """Map points through a transform: ``p -> p + disp(p)`` (or ``A p`` for an affine).
+
+    ``points`` are ``(B, P, ndim)`` voxel coordinates (``ij`` order, like the field's channels);
+    the displacement is interpolated linearly at each point (border values outside the grid).
+
+    Warping an image pulls back (``moved(x) = moving(x + disp(x))``), so to carry annotations
+    made on the *moving* image into the *moved* image, pass the inverse transform: the field that
+    maps moving positions to fixed ones (for an affine, ``invert(A)`` or
+    ``affine_to_disp(invert(A), shape)``; for a velocity model, the field integrated from
+    ``-velocity``; for a displacement, ``invert(disp)``).
+
+    Args:
+        points: ``(B, P, ndim)`` or ``(P, ndim)`` voxel coordinates.
+        transform: displacement ``(B, ndim, *spatial)`` or affine matrix.
+        shape: grid shape, needed for an affine with ``shift_center``.
+
+    Returns:
+        points of the same shape, moved.
+    """
+    _checks.as_tensor(points, "points")
+    _checks.as_tensor(transform, "transform")
+    unbatched = points.dim() == 2
+    if unbatched:
+        points = points.unsqueeze(0)
+    if points.dim() != 3 or points.shape[-1] not in (2, 3):
+        raise ValueError(f"points must have shape (B, P, 2) or (B, P, 3), got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        points = points.to(torch.get_default_dtype())
+    _checks.check_finite(points, "points")
+    ndim = points.shape[-1]
+    if _checks.is_affine(transform):
+        affine = _checks.check_affine(transform, ndim, "transform").to(points.dtype)
+        if shift_center:
+            if shape is None:
+                raise ValueError("shape is required to warp points by an affine with shift_center")
+            affine = _centered_matrix(affine, _checks.check_shape(shape), True)
+        _checks.check_batch(points.shape[0], affine.shape[0], "points", "transform")
+        moved = points @ affine[:, :, :ndim].transpose(1, 2) + affine[:, :, ndim].unsqueeze(1)
+    else:
+        _checks.check_disp(transform, "transform", ndim)
+        _checks.check_finite(transform, "transform")
+        batch = _checks.check_batch(points.shape[0], transform.shape[0], "points", "transform")
+        grid_shape = transform.shape[2:]
+        scale = _voxel_to_normalized_scale(grid_shape, points.device, points.dtype)
+        locations = points.flip(-1) * scale - 1.0  # (B, P, ndim), xy order, normalised
+        locations = locations.expand(batch, -1, -1).reshape(batch, -1, *([1] * (ndim - 1)), ndim)
+        field = transform.to(points.dtype).expand(batch, *transform.shape[1:])
+        sampled = F.grid_sample(field, locations, mode="bilinear", padding_mode="border",
+                                align_corners=True)
+        moved = points + sampled.reshape(batch, ndim, -1).transpose(1, 2)
+    return moved[0] if unbatched else moved
+
+
+# --------------------------------------------------------------------------------------------
+# Jacobian
+# --------------------------------------------------------------------------------------------
+
+
+def _gradient(field: Tensor, axis: int) -> Tensor:
+    """Finite difference along a spatial axis: central inside, one-sided at the borders
+    (``numpy.gradient``'s rule). ``field`` is ``(B, C, *spatial)``; ``axis`` counts spatial axes."""
+    dim = axis + 2
+    size = field.shape[dim]
+    if size < 2:
+        return torch.zeros_like(field)
+    forward = field.narrow(dim, 1, size - 1) - field.narrow(dim, 0, size - 1)
+    if size == 2:
+        return torch.cat([forward, forward], dim)
+    central = (field.narrow(dim, 2, size - 2) - field.narrow(dim, 0, size - 2)) / 2
+    return torch.cat([forward.narrow(dim, 0, 1), central, forward.narrow(dim, size - 2, 1)], dim)
+
+
+def jacobian_determinant(disp: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x -> x + disp(x)``.
+
+    Derivatives are finite differences in voxel units (central inside, one-sided at the border).
+
+    Returns:
+        ``(B, *spatial)``; values <= 0 mark folding.
+    """
+    ndim = _checks.check_disp(disp, "disp")
+    _checks.check_finite(disp, "disp")
+    # jac[i][j] = d(x_i + disp_i) / d x_j
+    derivatives = [_gradient(disp, axis) for axis in range(ndim)]  # each (B, ndim, *spatial)
+    jac = [[derivatives[j][:, i] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)]
+    if ndim == 2:
+        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    return (
+        jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+        - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+        + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+    )
+
+
+def folding_fraction(disp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Share of voxels (within ``mask`` if given) whose Jacobian determinant is <= 0.
+
+    Args:
+        disp: ``(B, ndim, *spatial)``.
+        mask: ``(B, 1, *spatial)``, ``(B, *spatial)`` or ``(*spatial)``; non-zero = counted.
+
+    Returns:
+        ``(B,)`` fractions in [0, 1] (multiply by 100 for a percentage).
+    """
+    det = jacobian_determinant(disp)
+    folded = (det <= 0).to(disp.dtype)
+    if mask is None:
+        return folded.flatten(1).mean(1)
+    _checks.as_tensor(mask, "mask")
+    spatial = tuple(disp.shape[2:])
+    if tuple(mask.shape[-len(spatial):]) != spatial:
+        raise ValueError(f"mask must have spatial shape {spatial}, got {tuple(mask.shape)}")
+    mask = mask.reshape(-1, *spatial) if mask.dim() > len(spatial) else mask.unsqueeze(0)
+    if mask.shape[0] not in (1, det.shape[0]):
+        raise ValueError(f"mask batch ({mask.shape[0]}) must be 1 or match disp ({det.shape[0]})")
+    weights = (mask != 0).to(disp.dtype).expand_as(folded)
+    count = weights.flatten(1).sum(1)
+    if (count == 0).any():
+        raise ValueError("mask selects no voxel")
+    return (folded * weights).flatten(1).sum(1) / count
