@@ -4,6 +4,8 @@ from voxreg import layers, transforms
 from voxreg.transforms import (
     affine_to_disp,
     compose,
+    disp_from_world,
+    disp_to_world,
     folding_fraction,
     integrate_velocity,
     invert,
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "affine_to_disp",
     "compose",
+    "disp_from_world",
+    "disp_to_world",
     "folding_fraction",
     "integrate_velocity",
     "invert",

@@ -120,7 +120,9 @@ def check_shape(shape: Sequence[int], name: str = "shape") -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of 2 or 3 positive integers, got {shape!r}")
+        raise ValueError(
+            f"{name} must be a sequence of 2 or 3 positive integers, got {shape!r}"
+        ) from None
     if len(shape) not in (2, 3) or any(s < 1 for s in shape):
         raise ValueError(f"{name} must be a sequence of 2 or 3 positive integers, got {shape!r}")
     return shape

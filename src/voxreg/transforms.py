@@ -30,6 +30,8 @@ Interp = Literal["linear", "nearest"]
 __all__ = [
     "affine_to_disp",
     "compose",
+    "disp_from_world",
+    "disp_to_world",
     "folding_fraction",
     "identity_grid",
     "integrate_velocity",
@@ -221,6 +223,12 @@ def warp(
                 f"(B, {ndim}, {ndim + 1}) for a {ndim}D image, got {tuple(transform.shape)}"
             )
         _checks.check_disp(transform, "transform", ndim)
+        if transform.shape[2:] != image.shape[2:]:
+            raise ValueError(
+                f"transform must have the image's spatial shape, (B, {ndim}, "
+                f"{', '.join(map(str, image.shape[2:]))}), got {tuple(transform.shape)}; "
+                "resample the image onto the field's grid first"
+            )
         _checks.check_finite(transform, "transform")
         batch = _checks.check_batch(image.shape[0], transform.shape[0], "image", "transform")
         grid = _disp_to_grid(transform.to(_float_dtype(image))).expand(batch, *([-1] * (ndim + 1)))
@@ -590,3 +598,33 @@ def folding_fraction(disp: Tensor, mask: Tensor | None = None) -> Tensor:
     if (count == 0).any():
         raise ValueError("mask selects no voxel")
     return (folded * weights).flatten(1).sum(1) / count
+
+
+# --------------------------------------------------------------------------------------------
+# world space
+
+
+def _vox2world_linear(vox2world: Tensor | object, ndim: int, like: Tensor) -> Tensor:
+    matrix = torch.as_tensor(vox2world, dtype=like.dtype, device=like.device)
+    if matrix.shape not in ((ndim + 1, ndim + 1), (ndim, ndim + 1), (ndim, ndim)):
+        raise ValueError(
+            f"vox2world must be a ({ndim + 1}, {ndim + 1}) voxel-to-world matrix (a NIfTI affine), "
+            f"got shape {tuple(matrix.shape)}"
+        )
+    return matrix[:ndim, :ndim]
+
+
+def disp_to_world(disp: Tensor, vox2world: Tensor | object) -> Tensor:
+    """Voxel displacement ``(B, ndim, *spatial)`` to world units (e.g. RAS mm) with the grid's
+    voxel-to-world matrix (a NIfTI affine): ``d_world = W[:ndim, :ndim] @ d_voxel`` at each voxel.
+    The field still lives on the same grid; it maps a fixed point to its moving point."""
+    ndim = _checks.check_disp(disp, "disp")
+    linear = _vox2world_linear(vox2world, ndim, disp)
+    return torch.einsum("ij,bj...->bi...", linear, disp)
+
+
+def disp_from_world(disp_world: Tensor, vox2world: Tensor | object) -> Tensor:
+    """Inverse of :func:`disp_to_world`: world-unit displacement back to voxels of the grid."""
+    ndim = _checks.check_disp(disp_world, "disp_world")
+    linear = _vox2world_linear(vox2world, ndim, disp_world)
+    return torch.einsum("ij,bj...->bi...", torch.linalg.inv(linear), disp_world)
