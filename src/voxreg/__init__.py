@@ -1,6 +1,6 @@
 """voxreg: learning-based deformable image registration (VoxelMorph and beyond) in PyTorch."""
 
-from voxreg import layers, transforms
+from voxreg import _runtime, layers, transforms
 from voxreg.transforms import (
     affine_to_disp,
     compose,
@@ -16,6 +16,8 @@ from voxreg.transforms import (
 )
 
 __version__ = "0.1.0"
+
+_runtime._apply_default()
 
 __all__ = [
     "affine_to_disp",

@@ -34,10 +34,9 @@ class SpatialTransformer(nn.Module):
         self.size = _checks.check_shape(size, "size")
         self.interp = _checks.check_interp(interp)
         self.fill_value = float(fill_value)
-        axes = [torch.linspace(-1.0, 1.0, s) if s > 1 else torch.zeros(1) for s in self.size]
-        identity = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)
+        identity = T._normalized_identity(self.size, torch.device("cpu"), torch.float32).clone()
         self.register_buffer("identity", identity, persistent=False)
-        scale = torch.tensor([2.0 / max(s - 1, 1) for s in reversed(self.size)])
+        scale = T._voxel_to_normalized_scale(self.size, "cpu", torch.float32)
         self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, image: Tensor, disp: Tensor) -> Tensor:
@@ -55,7 +54,7 @@ class SpatialTransformer(nn.Module):
         identity, scale = self.identity, self.scale
         if identity.dtype != disp.dtype:
             identity, scale = identity.to(disp.dtype), scale.to(disp.dtype)
-        grid = torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+        grid = torch.addcmul(identity, disp.movedim(1, -1), scale)
         if image.shape[0] != grid.shape[0]:
             batch = _checks.check_batch(image.shape[0], grid.shape[0], "image", "disp")
             grid = grid.expand(batch, *grid.shape[1:])
@@ -81,19 +80,15 @@ class VecInt(nn.Module):
         self.transformer = SpatialTransformer(self.size)
 
     def forward(self, velocity: Tensor) -> Tensor:
-        if self.steps == 0:
-            return velocity
-        disp = velocity * (1.0 / 2**self.steps)
-        for _ in range(self.steps):
-            disp = disp + self._resample(disp)
-        return disp
-
-    def _resample(self, disp: Tensor) -> Tensor:
-        identity, scale = self.transformer.identity, self.transformer.scale
-        if identity.dtype != disp.dtype:
-            identity, scale = identity.to(disp.dtype), scale.to(disp.dtype)
-        grid = torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
-        return T._grid_sample(disp, grid, "bilinear", "border")
+        if tuple(velocity.shape[1:]) != (len(self.size), *self.size):
+            raise ValueError(
+                f"velocity must have shape (B, {len(self.size)}, {', '.join(map(str, self.size))}), "
+                f"got {tuple(velocity.shape)}"
+            )
+        identity = self.transformer.identity
+        if identity.dtype != velocity.dtype:
+            identity = identity.to(velocity.dtype)
+        return T._integrate(velocity, self.steps, identity)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, steps={self.steps}"

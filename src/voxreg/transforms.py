@@ -82,21 +82,20 @@ def identity_grid(
 
 
 def _normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Identity sampling grid in grid_sample's layout: ``(*shape, ndim)``, last axis reversed
-    (x = last spatial axis first), values in [-1, 1] (``align_corners=True``)."""
+    """Identity sampling grid ``(*shape, ndim)`` in ``ij`` order, values in [-1, 1]
+    (``align_corners=True``: -1 and 1 are the first and last voxel centres)."""
 
     def build() -> Tensor:
         axes = [torch.linspace(-1.0, 1.0, s, device=device, dtype=dtype) if s > 1
                 else torch.zeros(1, device=device, dtype=dtype) for s in shape]
-        mesh = torch.meshgrid(*axes, indexing="ij")
-        return torch.stack(mesh[::-1], dim=-1)
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
-    return _cached(("norm", shape, device, dtype), build)
+    return _cached(("norm", tuple(shape), device, dtype), build)
 
 
 def _voxel_to_normalized_scale(shape: Sequence[int], device, dtype) -> Tensor:
-    """Per-axis factor turning a voxel displacement into grid_sample units, in reversed (xy) order."""
-    return torch.tensor([2.0 / max(s - 1, 1) for s in reversed(shape)], device=device, dtype=dtype)
+    """Per-axis factor turning voxels into normalised grid units, ``ij`` order."""
+    return torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=device, dtype=dtype)
 
 
 def _split_factor(batch: int, first_axis: int, device: torch.device, numel: int) -> int:
@@ -111,34 +110,52 @@ def _split_factor(batch: int, first_axis: int, device: torch.device, numel: int)
     return 1
 
 
-def _grid_sample(image: Tensor, grid: Tensor, mode: str, padding: str) -> Tensor:
-    """``F.grid_sample`` with ``align_corners=True``, cut into pieces for 3D on CPU.
+def _grid_sample(
+    image: Tensor, grid: Tensor, mode: str, padding: str, accumulate: Tensor | None = None
+) -> Tensor:
+    """Sample ``image (B, C, *spatial)`` at ``grid (B, *out_spatial, ndim)``.
 
-    torch runs its 3D CPU kernel on one thread per batch element; viewing one volume's sampling
-    grid as ``k`` batch elements (the image expanded, not copied) runs it on ``k`` threads.
+    ``grid`` holds normalised coordinates in ``ij`` order (voxreg's), not grid_sample's ``xy``:
+    instead of flipping the grid (a copy), the image is handed to ``F.grid_sample`` with its
+    spatial axes reversed (a view), which makes ``ij`` coordinates the ``xy`` of that view.
+
+    On CPU torch runs its 3D kernel on one thread per batch element; a single volume's grid is
+    viewed as ``k`` batch elements (the image expanded, not copied) so that ``k`` threads share it.
+
+    With ``accumulate`` (no autograd), the samples are added into that tensor in place and it is
+    returned; this avoids a copy when the pieces come back in another layout.
     """
-    if image.dim() == 5:
+    ndim = image.dim() - 2
+    reversed_view = image.permute(0, 1, *range(ndim + 1, 1, -1))
+    if ndim == 3:
         batch, channels = image.shape[:2]
-        out_shape = grid.shape[1:4]
-        pieces = _split_factor(batch, out_shape[0], image.device, grid[..., 0].numel())
+        out_shape = tuple(grid.shape[1:4])
+        pieces = _split_factor(batch, out_shape[0], image.device, math.prod(out_shape))
         if pieces > 1:
-            grid = grid.reshape(pieces, out_shape[0] // pieces, *out_shape[1:], 3)
+            piece_grid = grid.reshape(pieces, out_shape[0] // pieces, *out_shape[1:], 3)
             out = F.grid_sample(
-                image.expand(pieces, -1, -1, -1, -1), grid, mode=mode, padding_mode=padding,
-                align_corners=True,
+                reversed_view.expand(pieces, -1, -1, -1, -1), piece_grid, mode=mode,
+                padding_mode=padding, align_corners=True,
             )
             if channels == 1:
-                return out.reshape(1, 1, *out_shape)
-            return out.transpose(0, 1).reshape(1, channels, *out_shape)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+                out = out.reshape(1, 1, *out_shape)
+            elif accumulate is not None:
+                target = accumulate.view(channels, pieces, out_shape[0] // pieces, *out_shape[1:])
+                target.transpose(0, 1).add_(out)
+                return accumulate
+            else:
+                out = out.transpose(0, 1).reshape(1, channels, *out_shape)
+            return accumulate.add_(out) if accumulate is not None else out
+    out = F.grid_sample(reversed_view, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return accumulate.add_(out) if accumulate is not None else out
 
 
 def _disp_to_grid(disp: Tensor) -> Tensor:
-    """Sampling grid ``(B, *spatial, ndim)`` (normalised, xy order) of ``x + disp(x)``."""
+    """Sampling grid ``(B, *spatial, ndim)`` (normalised, ``ij``) of ``x + disp(x)``: one pass."""
     shape = tuple(disp.shape[2:])
     identity = _normalized_identity(shape, disp.device, disp.dtype)
     scale = _voxel_to_normalized_scale(shape, disp.device, disp.dtype)
-    return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+    return torch.addcmul(identity, disp.movedim(1, -1), scale)
 
 
 def _sample_disp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "zeros") -> Tensor:
@@ -158,20 +175,17 @@ def _centered_matrix(affine: Tensor, shape: Sequence[int], shift_center: bool) -
 
 
 def _affine_to_grid(affine: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Sampling grid for a voxel-index affine ``(B, n, n+1)`` (pull-back), via ``F.affine_grid``."""
+    """Sampling grid (normalised, ``ij``) for a voxel-index affine ``(B, n, n+1)`` (pull-back)."""
     ndim = len(shape)
     dtype, device = affine.dtype, affine.device
-    # normalised u = s * x - 1 (align_corners=True), with s = 2 / (n - 1)
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=device, dtype=dtype)
-    linear = affine[:, :, :ndim]
-    translation = affine[:, :, ndim]
-    # u_out = S L S^-1 (u_in + 1) + S t - 1
-    linear_n = scale[:, None] * linear / scale[None, :]
-    translation_n = linear_n.sum(-1) + scale * translation - 1.0
-    # affine_grid wants xy order: reverse rows and columns
-    theta = torch.cat([linear_n.flip(-1).flip(-2), translation_n.flip(-1).unsqueeze(-1)], dim=-1)
-    size = (affine.shape[0], 1, *shape)
-    return F.affine_grid(theta, size, align_corners=True)
+    # normalised u = s * x - 1 (align_corners=True), so u_out = S L S^-1 (u_in + 1) + S t - 1
+    scale = _voxel_to_normalized_scale(shape, device, dtype)
+    linear = scale[:, None] * affine[:, :, :ndim] / scale[None, :]
+    translation = linear.sum(-1) + scale * affine[:, :, ndim] - 1.0
+    identity = _normalized_identity(shape, device, dtype).reshape(1, -1, ndim)
+    grid = torch.baddbmm(translation.unsqueeze(1), identity.expand(affine.shape[0], -1, -1),
+                         linear.transpose(1, 2))
+    return grid.reshape(affine.shape[0], *shape, ndim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,13 +381,30 @@ def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
     return _integrate(velocity, steps)
 
 
-def _integrate(velocity: Tensor, steps: int) -> Tensor:
+def _integrate(velocity: Tensor, steps: int, identity: Tensor | None = None) -> Tensor:
+    """Scaling and squaring without checks.
+
+    The field is kept in normalised grid units (``ij``, channels first) during the squarings, so
+    each step costs one pass to build the sampling grid, the sampling, and one addition; without
+    autograd the addition is made in place.
+    """
     if steps == 0:
         return velocity
-    disp = velocity * (1.0 / 2**steps)
+    shape = tuple(velocity.shape[2:])
+    ndim = len(shape)
+    scale = _voxel_to_normalized_scale(shape, velocity.device, velocity.dtype)
+    scale = scale.view(1, ndim, *([1] * ndim))
+    if identity is None:
+        identity = _normalized_identity(shape, velocity.device, velocity.dtype)
+    field = velocity * (scale / 2**steps)
+    in_place = not (torch.is_grad_enabled() and field.requires_grad)
     for _ in range(steps):
-        disp = disp + _warp_field(disp, disp)
-    return disp
+        grid = identity + field.movedim(1, -1)
+        if in_place:
+            field = _grid_sample(field, grid, "bilinear", "border", accumulate=field)
+        else:
+            field = field + _grid_sample(field, grid, "bilinear", "border")
+    return field / scale
 
 
 def resize_disp(
@@ -522,11 +553,10 @@ def warp_points(
         batch = _checks.check_batch(points.shape[0], transform.shape[0], "points", "transform")
         grid_shape = transform.shape[2:]
         scale = _voxel_to_normalized_scale(grid_shape, points.device, points.dtype)
-        locations = points.flip(-1) * scale - 1.0  # (B, P, ndim), xy order, normalised
+        locations = points * scale - 1.0  # (B, P, ndim), normalised, ij
         locations = locations.expand(batch, -1, -1).reshape(batch, -1, *([1] * (ndim - 1)), ndim)
         field = transform.to(points.dtype).expand(batch, *transform.shape[1:])
-        sampled = F.grid_sample(field, locations, mode="bilinear", padding_mode="border",
-                                align_corners=True)
+        sampled = _grid_sample(field, locations, "bilinear", "border")
         moved = points + sampled.reshape(batch, ndim, -1).transpose(1, 2)
     return moved[0] if unbatched else moved
 
