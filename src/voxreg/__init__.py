@@ -1,6 +1,9 @@
 """voxreg: learning-based deformable image registration (VoxelMorph and beyond) in PyTorch."""
 
-from voxreg import _runtime, layers, transforms
+from voxreg import _runtime, data, layers, losses, networks, transforms
+from voxreg.checkpoint import list_models, load_checkpoint, load_model, save_model
+from voxreg.registration import register
+from voxreg.training import Trainer, train
 from voxreg.transforms import (
     affine_to_disp,
     compose,
@@ -20,6 +23,17 @@ __version__ = "0.1.0"
 _runtime._apply_default()
 
 __all__ = [
+    "Trainer",
+    "data",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "losses",
+    "networks",
+    "plot",
+    "register",
+    "save_model",
+    "train",
     "affine_to_disp",
     "compose",
     "disp_from_world",
@@ -34,3 +48,12 @@ __all__ = [
     "warp",
     "warp_points",
 ]
+
+
+def __getattr__(name: str):
+    # matplotlib is imported only when pictures are wanted
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module("voxreg.plot")
+    raise AttributeError(f"module 'voxreg' has no attribute {name!r}")

@@ -1,0 +1,680 @@
+"""Training loop for registration models (VoxelMorph's unsupervised and semi-supervised losses).
+
+:func:`train` (or :class:`Trainer`) fits a model that maps ``(moving, fixed)`` to
+``(moved, disp)`` (``(moved, moved_fixed, disp)`` when bidirectional) with Adam, on the loss terms
+of VoxelMorph, in this order:
+
+==========================  ==================================================================
+``transformer_loss``        image loss ``(fixed, moved)``
+``neg_transformer_loss``    bidirectional models only: image loss ``(moving, moved_fixed)``
+``flow_loss``               regulariser ``(zeros, field)`` on the pre-integration velocity
+                            (``reg_on="velocity"``, VoxelMorph's choice, when the model can return
+                            it) or on the displacement (``reg_on="disp"``)
+``seg_loss``                only when the data carry label maps: loss ``(fixed_onehot,
+                            warp(moving_onehot, disp))``, e.g. Dice
+==========================  ==================================================================
+
+``loss`` is the weighted sum; the terms are logged unweighted (as Keras does).
+
+The data can be a map-style torch ``Dataset`` (e.g. :class:`voxreg.data.ScanToScanDataset`; best:
+batches are drawn reproducibly from ``seed`` and the epoch, so a resumed run sees exactly the
+batches an uninterrupted one would), a ``DataLoader``, or any iterator of batches (e.g.
+:func:`voxreg.data.vxm_data_generator`). A batch is a dict with ``moving``, ``fixed`` and optional
+``moving_seg``/``fixed_seg``; or ``([moving, fixed], [fixed, zero_field])`` as VoxelMorph's
+generators yield; or ``(moving, fixed[, moving_seg, fixed_seg])``; numpy or torch, ``(B, C, *spatial)``.
+
+With ``out_dir`` the trainer writes ``history.csv`` (one row per epoch), ``loss.png`` (the loss
+curves), ``checkpoint.safetensors`` (model, optimizer, counters and history, every
+``checkpoint_every`` epochs and at the end) and ``model.safetensors`` (the final model alone).
+``resume=True`` continues from ``checkpoint.safetensors``.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from voxreg import transforms as T
+from voxreg.checkpoint import load_checkpoint, save_model
+
+__all__ = ["Trainer", "resolve_loss", "train"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "model.safetensors"
+HISTORY_NAME = "history.csv"
+PLOT_NAME = "loss.png"
+
+
+# --------------------------------------------------------------------------------------------
+# losses by name
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_loss(loss: str | LossFn, loss_mult: float | None = None) -> LossFn:
+    """A loss callable ``(y_true, y_pred) -> scalar`` from a callable or a name.
+
+    Names: ``"mse"``, ``"ncc"``, ``"mi"``/``"mutual_information"``, ``"dice"``,
+    ``"grad"``/``"l2"`` (``Grad("l2")``), ``"l1"`` (``Grad("l1")``),
+    ``"bending"``/``"bending_energy"``. ``loss_mult`` is passed to ``Grad`` when it accepts it
+    (VoxelMorph scales the gradient of a downsampled velocity by ``int_downsize``).
+    """
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"a loss must be a callable or a name, got {type(loss).__name__}")
+    from voxreg import losses as L
+
+    name = loss.lower().replace("-", "_")
+    simple = {
+        "mse": "MSE",
+        "ncc": "NCC",
+        "mi": "MutualInformation",
+        "mutual_information": "MutualInformation",
+        "dice": "Dice",
+        "bending": "BendingEnergy",
+        "bending_energy": "BendingEnergy",
+    }
+    if name in simple:
+        return getattr(L, simple[name])()
+    penalties = {"grad": "l2", "l2": "l2", "grad_l2": "l2", "l1": "l1", "grad_l1": "l1"}
+    if name in penalties:
+        grad = L.Grad
+        if loss_mult is not None and loss_mult != 1:
+            try:
+                params = inspect.signature(grad).parameters
+            except (TypeError, ValueError):
+                params = {}
+            if "loss_mult" in params:
+                return grad(penalties[name], loss_mult=loss_mult)
+        return grad(penalties[name])
+    raise ValueError(
+        f"unknown loss name {loss!r}; known: mse, ncc, mi, dice, grad (l2), l1, bending"
+    )
+
+
+def _field_loss(fn: LossFn) -> LossFn:
+    """Let the functional regularisers ``losses.grad(disp)`` / ``losses.bending_energy(disp)``
+    serve as ``(y_true, y_pred)`` losses."""
+    try:
+        from voxreg import losses as L
+    except ImportError:  # pragma: no cover
+        return fn
+    if fn is getattr(L, "grad", None) or fn is getattr(L, "bending_energy", None):
+        return lambda y_true, y_pred: fn(y_pred)
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+
+
+def _to_tensor(value: Any, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"batch item {name} must be a numpy array or tensor, got {type(value).__name__}")
+
+
+def _parse_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(moving, fixed, moving_seg, fixed_seg)`` from any supported batch layout."""
+    if isinstance(batch, dict):
+        if "moving" not in batch or "fixed" not in batch:
+            raise ValueError(f"a dict batch needs keys 'moving' and 'fixed', got {sorted(batch)}")
+        parts = [batch["moving"], batch["fixed"], batch.get("moving_seg"), batch.get("fixed_seg")]
+    elif isinstance(batch, (list, tuple)):
+        if len(batch) == 2 and isinstance(batch[0], (list, tuple)):  # ([moving, fixed], [...])
+            inputs = batch[0]
+            if len(inputs) < 2:
+                raise ValueError("a VoxelMorph-style batch needs inputs [moving, fixed]")
+            parts = [inputs[0], inputs[1], None, None]
+        elif len(batch) in (2, 4):
+            parts = [*batch, None, None][:4]
+        else:
+            raise ValueError(
+                "a batch must be a dict, ([moving, fixed], [fixed, zero]), (moving, fixed) or "
+                f"(moving, fixed, moving_seg, fixed_seg); got a sequence of {len(batch)}"
+            )
+    else:
+        raise TypeError(f"unsupported batch type {type(batch).__name__}")
+    if (parts[2] is None) != (parts[3] is None):
+        raise ValueError("a batch must carry both moving_seg and fixed_seg, or neither")
+    moving = _to_tensor(parts[0], "moving")
+    fixed = _to_tensor(parts[1], "fixed")
+    segs = [None if p is None else _to_tensor(p, n) for p, n in
+            ((parts[2], "moving_seg"), (parts[3], "fixed_seg"))]
+    return moving, fixed, segs[0], segs[1]
+
+
+def _one_hot(seg: Tensor, labels: Tensor) -> Tensor:
+    """``(B, 1, *spatial)`` label map -> float ``(B, L, *spatial)`` one-hot over ``labels``."""
+    if seg.dim() >= 2 and seg.shape[1] == 1:
+        seg = seg[:, 0]
+    shape = (1, -1) + (1,) * (seg.dim() - 1)
+    return (seg.unsqueeze(1) == labels.view(shape)).to(torch.get_default_dtype())
+
+
+class _Batches:
+    """Deterministic per-epoch batches over a dataset, a loader or an iterator."""
+
+    def __init__(self, data: Any, batch_size: int, steps_per_epoch: int | None, seed: int,
+                 num_workers: int, pin_memory: bool):
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self._iterator = None
+        if isinstance(data, DataLoader):
+            self.kind = "loader"
+            default = len(data) if hasattr(data, "__len__") else None
+        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+            self.kind = "dataset"
+            if len(data) == 0:
+                raise ValueError("the dataset is empty")
+            default = max(1, len(data) // self.batch_size)
+        elif isinstance(data, Iterable) or hasattr(data, "__next__"):
+            self.kind = "iterator"
+            default = len(data) if isinstance(data, Sequence) else None
+        else:
+            raise TypeError(
+                "data must be a torch Dataset, a DataLoader or an iterator of batches, got "
+                f"{type(data).__name__}"
+            )
+        if steps_per_epoch is None:
+            if default is None:
+                raise ValueError(
+                    "steps_per_epoch is required when the data is an endless generator"
+                )
+            steps_per_epoch = default
+        if int(steps_per_epoch) < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch}")
+        self.steps = int(steps_per_epoch)
+
+    @property
+    def rewindable(self) -> bool:
+        return self.kind == "dataset"
+
+    def epoch(self, epoch: int) -> Iterable[Any]:
+        if self.kind == "dataset":
+            if hasattr(self.data, "set_epoch"):
+                self.data.set_epoch(epoch)
+            n = len(self.data)
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), 7])
+            need = self.steps * self.batch_size
+            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])
+            batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+                       for i in range(self.steps)]
+            return DataLoader(self.data, batch_sampler=batches, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, collate_fn=default_collate)
+        return self._take(self.steps)
+
+    def _take(self, steps: int):
+        for _ in range(steps):
+            yield self._next()
+
+    def _next(self) -> Any:
+        if self._iterator is None:
+            self._iterator = iter(self.data)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            if self._iterator is self.data:  # a generator: cannot restart
+                raise RuntimeError(
+                    "the data generator ran out of batches; give an endless generator, a "
+                    "Dataset, or fewer steps_per_epoch"
+                ) from None
+            self._iterator = iter(self.data)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise RuntimeError("the data yielded no batch") from None
+
+
+# --------------------------------------------------------------------------------------------
+# history files
+# --------------------------------------------------------------------------------------------
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k, "") for k in columns})
+    os.replace(tmp, path)
+
+
+def _plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves, one line per term (matplotlib's Agg canvas; the global backend is untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    skip = {"epoch", "step", "seconds", "lr"}
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k, v in row.items() if k not in skip and k not in keys
+                 and isinstance(v, (int, float))]
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = [row["epoch"] for row in history]
+    positive = True
+    for key in keys:
+        values = [row.get(key, float("nan")) for row in history]
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, ms=3, label=key,
+                lw=2 if key == "loss" else 1)
+        positive &= all(v > 0 for v in values if v == v)
+    if positive and keys:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 11]).integers(2**62))
+
+
+class Trainer:
+    """Fit a registration model; see the module doc and :func:`train` for the arguments.
+
+    Attributes after :meth:`fit`: ``history`` (list of per-epoch dicts), ``optimizer``,
+    ``step`` (optimizer steps taken), ``epoch`` (epochs completed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        losses: Sequence[str | LossFn] | None = None,
+        loss_weights: Sequence[float] | None = None,
+        epochs: int = 1,
+        steps_per_epoch: int | None = None,
+        batch_size: int = 1,
+        lr: float = 1e-4,
+        device: str | torch.device | None = "auto",
+        seed: int = 0,
+        out_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool | str | os.PathLike = False,
+        progress: bool = True,
+        val_fn: Callable[[nn.Module], Any] | None = None,
+        reg_on: str = "auto",
+        seg_labels: Sequence[int] | None = None,
+        num_workers: int = 0,
+        verbose: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if reg_on not in ("auto", "velocity", "disp"):
+            raise ValueError(f"reg_on must be 'auto', 'velocity' or 'disp', got {reg_on!r}")
+        if resume and out_dir is None and not isinstance(resume, (str, os.PathLike)):
+            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+
+        self.model = model
+        self.device = _pick_device(device)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = float(lr)
+        self.seed = int(seed)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.progress = progress
+        self.verbose = verbose
+        self.val_fn = val_fn
+        self.metadata = dict(metadata or {})
+        self.batches = _Batches(data, batch_size, steps_per_epoch, seed, num_workers,
+                                self.device.type == "cuda")
+        self.steps_per_epoch = self.batches.steps
+
+        self.bidir = bool(getattr(model, "bidir", False))
+        accepts_velocity = self._accepts("return_velocity")
+        if reg_on == "auto":
+            reg_on = "velocity" if accepts_velocity else "disp"
+        elif reg_on == "velocity" and not accepts_velocity:
+            raise ValueError(
+                "reg_on='velocity' needs a model whose forward accepts return_velocity=True"
+            )
+        self.reg_on = reg_on
+        self.seg_labels = None if seg_labels is None else [int(v) for v in seg_labels]
+        if self.seg_labels is None:
+            found = getattr(data, "labels", None)
+            if found is not None:
+                self.seg_labels = [int(v) for v in found if int(v) != 0]
+        self._set_losses(losses, loss_weights)
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.epoch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _accepts(self, keyword: str) -> bool:
+        try:
+            params = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def _set_losses(self, losses, loss_weights) -> None:
+        names = ["transformer_loss"] + (["neg_transformer_loss"] if self.bidir else [])
+        names += ["flow_loss"]
+        downsize = getattr(self.model, "int_downsize", 1) if self.reg_on == "velocity" else 1
+        if getattr(self.model, "int_steps", 1) == 0:
+            downsize = 1
+        defaults = ([0.5, 0.5] if self.bidir else [1.0]) + [0.01]
+        if losses is None:
+            losses = ["mse"] * (2 if self.bidir else 1) + ["grad", "dice"]
+        losses = list(losses)
+        if len(losses) not in (len(names), len(names) + 1):
+            raise ValueError(
+                f"losses must hold {len(names)} terms ({', '.join(names)}), or "
+                f"{len(names) + 1} with a final seg_loss, got {len(losses)}"
+            )
+        has_seg = len(losses) == len(names) + 1
+        if loss_weights is None:
+            loss_weights = defaults + [0.01] * has_seg
+        loss_weights = [float(w) for w in loss_weights]
+        if has_seg and len(loss_weights) == len(names):
+            loss_weights.append(0.01)
+        if len(loss_weights) != len(losses):
+            raise ValueError(
+                f"loss_weights must hold one weight per loss term ({len(losses)}), got "
+                f"{len(loss_weights)}"
+            )
+        self.seg_loss = losses[-1] if has_seg else None
+        losses = losses[: len(names)]
+        self.names = names
+        self.loss_fns = [resolve_loss(f, downsize if n == "flow_loss" else None)
+                         for f, n in zip(losses, names)]
+        self.loss_fns[-1] = _field_loss(self.loss_fns[-1])
+        self.weights = loss_weights[: len(names)]
+        self.seg_weight = loss_weights[len(names)] if self.seg_loss is not None else 0.0
+        self._seg_fn = resolve_loss(self.seg_loss) if self.seg_loss is not None else None
+
+    # ---------------------------------------------------------------------------------------
+
+    def _forward(self, moving: Tensor, fixed: Tensor, moving_seg, fixed_seg) -> dict[str, Tensor]:
+        if self.reg_on == "velocity":
+            out = self.model(moving, fixed, return_velocity=True)
+            field, out = out[-1], out[:-1]
+        else:
+            out = self.model(moving, fixed)
+            field = None
+        if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+            raise ValueError("the model must return (moved, disp) or (moved, moved_fixed, disp)")
+        moved, disp = out[0], out[-1]
+        if field is None:
+            field = disp
+        terms = {"transformer_loss": self.loss_fns[0](fixed, moved)}
+        if self.bidir:
+            if len(out) != 3:
+                raise ValueError("a bidirectional model must return (moved, moved_fixed, disp)")
+            terms["neg_transformer_loss"] = self.loss_fns[1](moving, out[1])
+        terms["flow_loss"] = self.loss_fns[-1](torch.zeros_like(field), field)
+        if self._seg_fn is not None and moving_seg is not None:
+            labels = self.seg_labels
+            if labels is None:
+                labels = [v for v in torch.unique(torch.cat([moving_seg.flatten(),
+                                                              fixed_seg.flatten()])).tolist()
+                          if v != 0]
+            labels_t = torch.as_tensor(labels, device=moving_seg.device, dtype=moving_seg.dtype)
+            warped = T.warp(_one_hot(moving_seg, labels_t), disp)
+            terms["seg_loss"] = self._seg_fn(_one_hot(fixed_seg, labels_t), warped)
+        return terms
+
+    def _total(self, terms: dict[str, Tensor]) -> Tensor:
+        total = sum(w * terms[n] for n, w in zip(self.names, self.weights))
+        if "seg_loss" in terms:
+            total = total + self.seg_weight * terms["seg_loss"]
+        return total
+
+    def _checkpoint(self, final: bool = False) -> None:
+        if self.out_dir is None:
+            return
+        meta = {**self.metadata, "training": self._settings()}
+        save_model(self.model, self.out_dir / CHECKPOINT_NAME, metadata=meta,
+                   optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+                   history=self.history)
+        if final:
+            save_model(self.model, self.out_dir / MODEL_NAME, metadata=meta, step=self.step,
+                       epoch=self.epoch, history=self.history)
+        if self.history:
+            _plot_history(self.history, self.out_dir / PLOT_NAME)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "losses": [getattr(f, "__name__", type(f).__name__) for f in self.loss_fns]
+            + ([getattr(self._seg_fn, "__name__", type(self._seg_fn).__name__)]
+               if self._seg_fn is not None else []),
+            "loss_weights": self.weights + ([self.seg_weight] if self._seg_fn is not None else []),
+            "reg_on": self.reg_on,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "seed": self.seed,
+        }
+
+    def _resume(self) -> None:
+        path = (Path(self.resume) if isinstance(self.resume, (str, os.PathLike))
+                else self.out_dir / CHECKPOINT_NAME)
+        if not path.is_file():
+            if isinstance(self.resume, (str, os.PathLike)):
+                raise FileNotFoundError(f"resume: no checkpoint at {path}")
+            self._log(f"resume: no checkpoint in {self.out_dir}; starting from scratch")
+            return
+        ckpt = load_checkpoint(path, device=self.device, model=self.model)
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.step = int(ckpt.step or 0)
+        self.epoch = int(ckpt.epoch or 0)
+        self.history = list(ckpt.history or [])
+        old = (ckpt.metadata or {}).get("training", {})
+        now = self._settings()
+        changed = [k for k in ("batch_size", "steps_per_epoch", "seed", "lr")
+                   if k in old and old[k] != now[k]]
+        if changed:
+            warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint's: "
+                          "the run will not match an uninterrupted one", stacklevel=3)
+        if not self.batches.rewindable and self.epoch:
+            warnings.warn("resuming from a generator: the batches cannot be replayed, so the run "
+                          "will differ from an uninterrupted one (use a Dataset for exact resume)",
+                          stacklevel=3)
+        self._log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    def _log(self, line: str) -> None:
+        if self.verbose:
+            print(line, flush=True)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for ``epochs`` epochs (in total, counting those of a resumed checkpoint)."""
+        from tqdm.auto import tqdm
+
+        model = self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._resume()
+        start = self.epoch
+        for epoch in range(start, self.epochs):
+            torch.manual_seed(_epoch_seed(self.seed, epoch))
+            model.train()
+            sums: dict[str, Tensor] = {}
+            counts: dict[str, int] = {}
+            tic = time.perf_counter()
+            bar = tqdm(total=self.steps_per_epoch, disable=not self.progress, leave=False,
+                       desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True)
+            for batch in self.batches.epoch(epoch):
+                moving, fixed, moving_seg, fixed_seg = _parse_batch(batch)
+                moving = moving.to(self.device, torch.get_default_dtype(), non_blocking=True)
+                fixed = fixed.to(self.device, torch.get_default_dtype(), non_blocking=True)
+                if moving_seg is not None:
+                    moving_seg = moving_seg.to(self.device, non_blocking=True)
+                    fixed_seg = fixed_seg.to(self.device, non_blocking=True)
+                terms = self._forward(moving, fixed, moving_seg, fixed_seg)
+                loss = self._total(terms)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {self.step + 1}; "
+                        "lower lr or check the data"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.step += 1
+                values = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+                for k, v in values.items():  # summed on the device: no sync per step
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                    counts[k] = counts.get(k, 0) + 1
+                bar.update(1)
+                if self.progress and (self.step % 10 == 0 or counts["loss"] == 1):
+                    bar.set_postfix(loss=f"{values['loss'].item():.4g}")
+            bar.close()
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
+            row.update({k: float(v) / counts[k] for k, v in sums.items()})
+            if self.val_fn is not None:
+                row.update(self._validate())
+            row["seconds"] = round(time.perf_counter() - tic, 3)
+            self.history.append(row)
+            self.epoch = epoch + 1
+            self._log(self._line(row))
+            if self.out_dir is not None:
+                _write_history(self.history, self.out_dir / HISTORY_NAME)
+                last = self.epoch == self.epochs
+                if last or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
+                    self._checkpoint(final=last)
+        if self.out_dir is not None and start >= self.epochs:
+            self._checkpoint(final=True)
+        model.eval()
+        return self.history
+
+    def _validate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            result = self.val_fn(self.model)
+        self.model.train()
+        if result is None:
+            return {}
+        if not isinstance(result, dict):
+            result = {"val": result}
+        out = {}
+        for k, v in result.items():
+            key = k if str(k).startswith("val") else f"val_{k}"
+            out[key] = float(v)
+        return out
+
+    def _line(self, row: dict[str, Any]) -> str:
+        parts = [f"epoch {row['epoch']}/{self.epochs}"]
+        parts += [f"{k}: {v:.4g}" for k, v in row.items()
+                  if k not in ("epoch", "step", "seconds") and isinstance(v, float)]
+        parts.append(f"({row['seconds']:.2f} s)")
+        return "  ".join(parts)
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    losses: Sequence[str | LossFn] | None = None,
+    loss_weights: Sequence[float] | None = None,
+    epochs: int = 1,
+    steps_per_epoch: int | None = None,
+    batch_size: int = 1,
+    lr: float = 1e-4,
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | str | os.PathLike = False,
+    progress: bool = True,
+    val_fn: Callable[[nn.Module], Any] | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Train ``model`` with Adam on VoxelMorph's losses; return the history.
+
+    Args:
+        model: maps ``(moving, fixed)`` to ``(moved, disp)`` or ``(moved, moved_fixed, disp)``
+            (e.g. :class:`voxreg.networks.VxmDense`).
+        data: a ``Dataset``, ``DataLoader`` or iterator of batches (see the module doc).
+        losses: one loss per term in the order ``transformer_loss``, (``neg_transformer_loss``
+            for bidirectional models), ``flow_loss``, and optionally ``seg_loss``; callables
+            ``(y_true, y_pred) -> scalar`` or names (see :func:`resolve_loss`). Default:
+            ``mse``, ``grad`` and, when the data has label maps, ``dice``.
+        loss_weights: one weight per term; default ``[1, 0.01]`` (``[0.5, 0.5, 0.01]`` when
+            bidirectional), plus ``0.01`` for a seg term (also when only it is left out).
+        epochs: total number of epochs (a resumed run continues up to it).
+        steps_per_epoch: optimizer steps per epoch; default ``len(dataset) // batch_size`` (or
+            ``len(loader)``); required for endless generators.
+        batch_size: pairs per step (for a Dataset; loaders and generators batch themselves).
+        lr: Adam learning rate.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+        seed: seeds the batch order and torch's RNG at each epoch.
+        out_dir: folder for ``history.csv``, ``loss.png`` and the checkpoints.
+        checkpoint_every: also checkpoint every this many epochs (always at the end).
+        resume: ``True`` continues from ``out_dir/checkpoint.safetensors`` (if there is one), or
+            give a checkpoint path.
+        progress: show a tqdm bar.
+        val_fn: ``val_fn(model) -> float or dict``, called after each epoch in eval mode without
+            gradients; its values enter the history prefixed ``val_``.
+        **kwargs: ``reg_on`` (``"auto"``, ``"velocity"`` or ``"disp"``), ``seg_labels`` (labels of
+            the seg term; default the dataset's ``labels`` without 0, else those in each batch),
+            ``num_workers``, ``verbose`` (print the per-epoch line), ``metadata`` (stored in the
+            checkpoints).
+
+    Returns:
+        The history: a list of per-epoch dicts (``epoch``, ``step``, ``loss``, each term,
+        validation values, ``seconds``).
+    """
+    trainer = Trainer(
+        model, data, losses, loss_weights, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size, lr=lr, device=device, seed=seed, out_dir=out_dir,
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, val_fn=val_fn,
+        **kwargs,
+    )
+    return trainer.fit()
