@@ -272,6 +272,17 @@ def test_linear_velocity_integrates_to_matrix_exponential(ndim):
     assert np.abs(disp - expected)[inner].max() < 1e-3
 
 
+def test_half_resolution_integration_is_close_to_full():
+    velocity = smooth_field((40, 36), magnitude=3.0, seed=22)
+    full = T.integrate_velocity(velocity, 7)
+    half = T.integrate_velocity(velocity, 7, downsize=2)
+    manual = T.resize_disp(T.integrate_velocity(T.resize_disp(velocity, shape=(20, 18)), 7),
+                           shape=(40, 36))
+    assert torch.allclose(half, manual)
+    inner = (slice(None), slice(None), slice(5, -5), slice(5, -5))
+    assert (half - full)[inner].abs().max() < 0.2
+
+
 def test_velocity_inverse_by_negation():
     # a 2-voxel velocity; the tolerance (0.05 voxel in the interior) is the discretisation
     # error of scaling and squaring on the grid, not of the negation
