@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import voxreg  # noqa: E402
+from voxreg._atomic import atomic_path  # noqa: E402
 
 
 def generated_digit(rng: np.random.Generator) -> np.ndarray:
@@ -58,18 +57,6 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
     affine[:, :2] += rng.normal(0, 0.1, size=(2, 2))
     affine[:, 2] = rng.uniform(-10, 10, size=2)
     return affine
-
-
-def save_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
     figure.suptitle(f"{source}: warp with A, annotations with the field of inv(A)", fontsize=10)
-    save_atomically(out / "warp_annotations.png", lambda p: figure.savefig(p, dpi=100, format="png"))
+    with atomic_path(out / "warp_annotations.png") as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
 
     numbers = {
@@ -128,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         "intensity_at_moved_points": after_values.tolist(),
         "points_inside_image": inside.tolist(),
     }
-    save_atomically(out / "warp_annotations.json",
-                    lambda p: Path(p).write_text(json.dumps(numbers, indent=2)))
+    with atomic_path(out / "warp_annotations.json") as tmp:
+        tmp.write_text(json.dumps(numbers, indent=2))
     np.set_printoptions(precision=3, suppress=True)
     print(f"digit: {source}")
     print(f"affine (voxel coordinates, about the centre, pull-back):\n{affine[0].numpy()}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
+
+from voxreg._atomic import atomic_path
 
 __all__ = [
     "flow",
@@ -167,19 +168,8 @@ def _save(fig: Figure, save: object) -> Figure:
         return fig
     if not isinstance(save, (str, os.PathLike)):
         raise ValueError(f"save must be a path, got {type(save).__name__}")
-    path = Path(save)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+    with atomic_path(save, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return fig
 
 
