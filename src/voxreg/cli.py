@@ -1,16 +1,708 @@
-"""The ``voxreg`` command line: one entry point, one subcommand per job."""
+"""The ``voxreg`` command line: one entry point, one subcommand per job.
+
+Every user error (missing or unreadable file, wrong shape or grid, unknown model, unwritable
+output, output equal to an input) is reported as one line ``error: ...`` on stderr with a non-zero
+exit status; ``voxreg --debug ...`` (or ``VOXREG_DEBUG=1``) shows the traceback instead.
+Inputs are never overwritten and every output is written atomically (whole or not at all).
+"""
 
 from __future__ import annotations
+
+import csv
+import glob as globlib
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
 import voxreg
 
+NORMALIZE_HELP = (
+    "intensity normalisation to [0, 1]: 'percentile' clips to the 0.5th-99.5th percentiles then "
+    "min-max scales; 'minmax' scales min..max (uint8 data using 0..255, like IXI: x/255); "
+    "'none' keeps the values"
+)
+_NORMALIZE = click.Choice(["percentile", "minmax", "none"])
+_DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from voxreg.checkpoint import CheckpointError
+
+    return (FileNotFoundError, ValueError, TypeError, OSError, CheckpointError, ImportError)
+
+
+def _debug(args: list[str] | None) -> bool:
+    argv = sys.argv[1:] if args is None else list(args)
+    return "--debug" in argv or os.environ.get("VOXREG_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {str(err.filename)!r}"
+    return " ".join(text.split())
+
+
+class _Group(click.Group):
+    """A click group that turns user errors into one ``error:`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        code = 0
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            if isinstance(result, int) and not isinstance(result, bool):
+                code = result
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            code = 1
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"error: {_one_line_text(exc.format_message())}{hint}", err=True)
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            code = 130
+        except _user_errors() as exc:
+            if _debug(args):
+                raise
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            code = 1
+        sys.exit(code)
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(voxreg.__version__, prog_name="voxreg")
-def cli() -> None:
-    """voxreg: learning-based deformable image registration (VoxelMorph and beyond)."""
+@click.option("--debug", is_flag=True, help="show tracebacks instead of one-line errors")
+def cli(debug: bool) -> None:
+    """voxreg: learning-based deformable image registration (VoxelMorph and beyond).
+
+    Images: .nii.gz, .nii, .mgz, .npz (key 'vol'/'seg'), .npy. Displacements are in voxels of the
+    fixed grid and pull back: moved(x) = moving(x + disp(x)).
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available (use cpu or auto)")
+    return name
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} must hold at least one integer")
+    return values
+
+
+def _load_model(name: str, device: str):
+    from voxreg.checkpoint import load_model
+
+    return load_model(name, device=device)
+
+
+def _model_normalize(model: Any, chosen: str | None) -> str:
+    if chosen is not None:
+        return chosen
+    meta = getattr(model, "metadata", None) or {}
+    value = meta.get("normalize") if isinstance(meta, dict) else None
+    return value if value in ("percentile", "minmax", "none") else "percentile"
+
+
+def _fit_rank(image, model_ndim: int, what: str):
+    """A 2D model reads a 3D file whose last axis has size 1 as 2D."""
+    if image.ndim == 3 and model_ndim == 2 and image.shape[-1] == 1:
+        image.data = image.data[..., 0]
+    if image.ndim != model_ndim:
+        raise ValueError(
+            f"{what} {str(image.path)!r} is {image.ndim}D (shape {image.shape}) but the model is "
+            f"{model_ndim}D"
+        )
+    return image
+
+
+def _grid_error(a, b, a_name: str, b_name: str) -> str:
+    import numpy as np
+
+    if a.shape != b.shape:
+        what = f"shapes {a.shape} and {b.shape} differ"
+    else:
+        what = f"affines differ by up to {float(np.abs(a.affine - b.affine).max()):.3g} mm"
+    return f"{a_name} {str(a.path)!r} and {b_name} {str(b.path)!r} are on different grids ({what})"
+
+
+def _prepare_pair(moving_path, fixed_path, resample: bool, normalize: str, model_ndim: int):
+    from voxreg import io
+
+    moving = io.load_image(moving_path)
+    fixed = io.load_image(fixed_path)
+    if not io.same_grid(moving, fixed):
+        if not resample:
+            raise ValueError(
+                _grid_error(moving, fixed, "moving", "fixed")
+                + "; pass --resample to resample the moving image onto the fixed grid"
+            )
+        moving = io.resample_to(moving, fixed, "linear")
+    moving.data = io.normalize(moving.data, normalize)
+    fixed.data = io.normalize(fixed.data, normalize)
+    _fit_rank(moving, model_ndim, "moving image")
+    _fit_rank(fixed, model_ndim, "fixed image")
+    return moving, fixed
+
+
+# --------------------------------------------------------------------------------------------
+# register / warp
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("moving", type=click.Path())
+@click.argument("fixed", type=click.Path())
+@click.option("--model", "-m", "model_name", required=True,
+              help="checkpoint file or shipped model name (see 'voxreg models')")
+@click.option("--moved", "-o", "moved_out", required=True, type=click.Path(),
+              help="output: the moving image warped onto the fixed grid")
+@click.option("--warp", "warp_out", type=click.Path(),
+              help="output: the displacement field (NIfTI vector image on the fixed grid)")
+@click.option("--warp-units", type=click.Choice(["voxel", "mm"]), default="voxel", show_default=True,
+              help="units of the saved field: voxels of the fixed grid, or RAS mm")
+@click.option("--warp-format", type=click.Choice(["voxreg", "ants"]), default="voxreg",
+              show_default=True,
+              help="'ants': LPS mm displacement readable by antsApplyTransforms (ignores --warp-units)")
+@click.option("--resample", is_flag=True,
+              help="resample the moving image onto the fixed grid (via the affines) if the grids differ")
+@click.option("--normalize", type=_NORMALIZE, default=None,
+              help=NORMALIZE_HELP + ". Default: what the model was trained with if it says, else "
+              "'percentile'")
+@click.option("--device", type=_DEVICE, default="auto", show_default=True)
+def register(moving, fixed, model_name, moved_out, warp_out, warp_units, warp_format, resample,
+             normalize, device):
+    """Register MOVING to FIXED with a trained model.
+
+    Writes the moved image (and with --warp the displacement) on the fixed grid with the fixed
+    image's affine, and prints the seconds per pair. MOVING and FIXED must share a grid (shape and
+    affine) unless --resample is given.
+    """
+    from voxreg import io
+    from voxreg.registration import model_ndim
+    from voxreg.registration import register as run_register
+
+    inputs = (moving, fixed)
+    for path, what in ((moving, "moving image"), (fixed, "fixed image")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+    outputs = [io.check_output_path(moved_out, inputs)]
+    if warp_out is not None:
+        outputs.append(io.check_output_path(warp_out, inputs))
+        if outputs[0].resolve() == outputs[1].resolve():
+            raise ValueError("--moved and --warp must be different files")
+        if warp_format == "ants" or warp_units == "mm":
+            if io.format_of(warp_out) not in (".nii.gz", ".nii"):
+                raise ValueError("a warp in mm or for ANTs must be a .nii.gz or .nii file")
+    dev = _device(device)
+    model = _load_model(model_name, dev)
+    ndim = model_ndim(model)
+    mov, fix = _prepare_pair(moving, fixed, resample, _model_normalize(model, normalize), ndim)
+    moved, disp, seconds = run_register(model, mov.data, fix.data, device=dev, return_time=True)
+    if warp_out is not None:
+        io.save_warp(warp_out, disp, fix.affine, convention=warp_format, units=warp_units)
+    io.save_image(moved_out, moved, affine=fix.affine, header=fix.header, channels=mov.channels)
+    click.echo(f"moved image: {moved_out}")
+    if warp_out is not None:
+        click.echo(f"warp: {warp_out} ({'ANTs LPS mm' if warp_format == 'ants' else warp_units})")
+    click.echo(f"seconds per pair: {seconds:.4f} ({dev})")
+
+
+@cli.command("warp")
+@click.argument("image", type=click.Path())
+@click.option("--warp", "warp_path", required=True, type=click.Path(),
+              help="a field written by 'voxreg register --warp' (any units or format)")
+@click.option("--out", "-o", "out", required=True, type=click.Path(), help="output image")
+@click.option("--interp", type=click.Choice(["linear", "nearest"]), default="linear",
+              show_default=True, help="use 'nearest' for label maps: it keeps label values and dtype")
+@click.option("--normalize", type=_NORMALIZE, default="none", show_default=True, help=NORMALIZE_HELP)
+@click.option("--resample", is_flag=True,
+              help="first resample IMAGE onto the warp's grid via the affines if the grids differ")
+def warp_command(image, warp_path, out, interp, normalize, resample):
+    """Apply a saved displacement to IMAGE (pull-back: out(x) = image(x + disp(x))).
+
+    The output lies on the warp's (fixed) grid with its affine. IMAGE must be on that grid (as the
+    moving image was when it was registered) unless --resample is given.
+    """
+    import numpy as np
+    import torch
+
+    from voxreg import io
+    from voxreg.transforms import warp
+
+    for path, what in ((image, "image"), (warp_path, "warp")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+    io.check_output_path(out, (image, warp_path))
+    disp, affine = io.load_warp(warp_path)
+    grid = io.Image(np.zeros(disp.shape[1:], np.uint8), affine, None, Path(warp_path))
+    img = io.load_image(image)
+    if img.ndim == 3 and disp.shape[0] == 2 and img.shape[-1] == 1:
+        img.data = img.data[..., 0]
+    if not io.same_grid(img, grid):
+        if not resample:
+            raise ValueError(
+                _grid_error(img, grid, "image", "warp")
+                + "; pass --resample to resample the image onto the warp's grid first"
+            )
+        img = io.resample_to(img, grid, interp)
+    data = img.data if interp == "nearest" else io.normalize(img.data, normalize)
+    tensor = torch.from_numpy(np.ascontiguousarray(data))
+    tensor = tensor[None] if img.channels else tensor[None, None]
+    moved = warp(tensor, torch.from_numpy(disp)[None], interp=interp)[0]
+    moved = moved if img.channels else moved[0]
+    io.save_image(out, moved.numpy(), affine=affine, header=img.header, channels=img.channels)
+    click.echo(f"warped image: {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+
+def _read_pairs(pairs: Path) -> list[dict[str, str]]:
+    if not pairs.exists():
+        raise FileNotFoundError(f"pairs file {str(pairs)!r} does not exist")
+    with open(pairs, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        need = ["moving", "fixed", "moving_labels", "fixed_labels"]
+        missing = [c for c in need if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{str(pairs)!r} must have the columns {', '.join(need)}; missing: {', '.join(missing)}"
+            )
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if not any(row.get(c) for c in need):
+                continue
+            entry = {}
+            for column in need:
+                if not row.get(column):
+                    raise ValueError(f"{str(pairs)!r} line {number}: empty {column!r}")
+                path = Path(row[column]).expanduser()
+                entry[column] = str(path if path.is_absolute() else pairs.parent / path)
+                if not Path(entry[column]).exists():
+                    raise FileNotFoundError(
+                        f"{str(pairs)!r} line {number}: {column} {entry[column]!r} does not exist"
+                    )
+            rows.append(entry)
+    if not rows:
+        raise ValueError(f"{str(pairs)!r} lists no pairs")
+    return rows
+
+
+def _check_csv_out(path: Path, inputs: tuple) -> None:
+    for item in inputs:
+        if Path(item).resolve() == path.resolve():
+            raise ValueError(f"output {str(path)!r} is an input: voxreg never overwrites its inputs")
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
+    parent = path.resolve().parent
+    if not parent.exists():
+        raise FileNotFoundError(f"output folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {str(parent)!r} is not writable")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def _mean_sd(values: list[float]) -> str:
+    import numpy as np
+
+    finite = np.array([v for v in values if isinstance(v, float) and math.isfinite(v)])
+    if finite.size == 0:
+        return "nan"
+    sd = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return f"{float(finite.mean()):.4g} ± {sd:.3g}"
+
+
+@cli.command("eval")
+@click.option("--model", "-m", "model_name", required=True, help="checkpoint file or shipped model name")
+@click.option("--pairs", required=True, type=click.Path(),
+              help="CSV with columns moving,fixed,moving_labels,fixed_labels (paths may be "
+              "relative to the CSV's folder)")
+@click.option("--out", "-o", type=click.Path(), default="eval.csv", show_default=True,
+              help="per-pair CSV; the per-structure CSV goes next to it as <stem>_structures.csv")
+@click.option("--labels", default=None,
+              help="comma-separated labels to score (default: every non-zero label of either map)")
+@click.option("--no-hd95", is_flag=True, help="skip the Hausdorff distances (faster)")
+@click.option("--resample", is_flag=True,
+              help="resample moving images and labels onto the fixed grid when the grids differ")
+@click.option("--normalize", type=_NORMALIZE, default=None,
+              help=NORMALIZE_HELP + ". Default: the model's training setting, else 'percentile'")
+@click.option("--device", type=_DEVICE, default="auto", show_default=True)
+def eval_command(model_name, pairs, out, labels, no_hd95, resample, normalize, device):
+    """Evaluate a model on labelled pairs.
+
+    Per pair: Dice before and after registration (mean and per structure), HD95 in mm (voxel
+    sizes from the fixed affine; mean over structures), % of folding voxels (det J <= 0), the SD
+    of log det J, and the seconds per pair. Writes a per-pair CSV and a per-structure CSV and
+    prints a summary (mean ± sd over pairs).
+    """
+    import numpy as np
+    import torch
+
+    from voxreg import io, metrics
+    from voxreg.registration import model_ndim
+    from voxreg.registration import register as run_register
+    from voxreg.transforms import warp
+
+    pairs_path = Path(pairs)
+    rows = _read_pairs(pairs_path)
+    wanted = _int_list(labels, "--labels")
+    out_path = Path(out)
+    if not out_path.name.lower().endswith(".csv"):
+        raise ValueError(f"--out must be a .csv file, got {out!r}")
+    struct_path = out_path.with_name(out_path.stem + "_structures.csv")
+    all_inputs = tuple([pairs] + [r[c] for r in rows for c in r])
+    for path in (out_path, struct_path):
+        _check_csv_out(path, all_inputs)
+    dev = _device(device)
+    model = _load_model(model_name, dev)
+    ndim = model_ndim(model)
+    method = _model_normalize(model, normalize)
+
+    pair_rows: list[dict[str, Any]] = []
+    struct_rows: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        mov, fix = _prepare_pair(row["moving"], row["fixed"], resample, method, ndim)
+        mov_seg = io.load_labels(row["moving_labels"])
+        fix_seg = io.load_labels(row["fixed_labels"])
+        _fit_rank(mov_seg, ndim, "moving labels")
+        _fit_rank(fix_seg, ndim, "fixed labels")
+        if not io.same_grid(fix_seg, fix):
+            raise ValueError(_grid_error(fix_seg, fix, "fixed labels", "fixed image"))
+        if not io.same_grid(mov_seg, fix):
+            if not resample:
+                raise ValueError(
+                    _grid_error(mov_seg, fix, "moving labels", "fixed image")
+                    + "; pass --resample to resample them onto the fixed grid"
+                )
+            mov_seg = io.resample_to(mov_seg, fix, "nearest")
+        _, disp, seconds = run_register(model, mov.data, fix.data, device=dev, return_time=True)
+        disp_np = np.asarray(disp, dtype=np.float32)
+        seg_t = torch.from_numpy(np.ascontiguousarray(mov_seg.data))[None, None]
+        warped = warp(seg_t, torch.from_numpy(disp_np)[None], interp="nearest")[0, 0].numpy()
+        scored = wanted if wanted is not None else [
+            int(v) for v in np.union1d(np.unique(mov_seg.data), np.unique(fix_seg.data)) if v != 0]
+        before = metrics.dice(mov_seg.data, fix_seg.data, scored)
+        after = metrics.dice(warped, fix_seg.data, scored)
+        spacing = fix.spacing
+        hd = {}
+        for label in scored:
+            hd[label] = float("nan") if no_hd95 else metrics.hausdorff95(
+                warped, fix_seg.data, label, spacing)
+            struct_rows.append({"pair": index, "moving": row["moving"], "fixed": row["fixed"],
+                                "label": label, "dice_before": before[label],
+                                "dice": after[label], "hd95_mm": hd[label]})
+        jac = metrics.jacobian_stats(disp_np)
+
+        def nanmean(values):
+            values = [v for v in values if math.isfinite(v)]
+            return float(np.mean(values)) if values else float("nan")
+
+        pair_rows.append({
+            "pair": index, "moving": row["moving"], "fixed": row["fixed"],
+            "mean_dice_before": nanmean(before.values()), "mean_dice": nanmean(after.values()),
+            "mean_hd95_mm": nanmean(hd.values()), "folding_percent": jac["folding_percent"],
+            "sd_log_jac": jac["sd_log_jac"], "seconds_per_pair": seconds, "labels": len(scored),
+        })
+        click.echo(f"pair {index}: dice {pair_rows[-1]['mean_dice']:.4f} "
+                   f"(before {pair_rows[-1]['mean_dice_before']:.4f}), "
+                   f"folding {jac['folding_percent']:.3f}%, {seconds:.3f} s")
+
+    pair_columns = ["pair", "moving", "fixed", "mean_dice_before", "mean_dice", "mean_hd95_mm",
+                    "folding_percent", "sd_log_jac", "seconds_per_pair", "labels"]
+    struct_columns = ["pair", "moving", "fixed", "label", "dice_before", "dice", "hd95_mm"]
+    _write_csv(out_path, pair_rows, pair_columns)
+    _write_csv(struct_path, struct_rows, struct_columns)
+    click.echo(f"{len(pair_rows)} pairs ({dev})")
+    for key in ("mean_dice_before", "mean_dice", "mean_hd95_mm", "folding_percent", "sd_log_jac",
+                "seconds_per_pair"):
+        click.echo(f"  {key}: {_mean_sd([r[key] for r in pair_rows])}")
+    click.echo(f"per-pair results: {out_path}")
+    click.echo(f"per-structure results: {struct_path}")
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_images(images: tuple[str, ...], list_file: str | None, pattern: str | None) -> list[str]:
+    paths = list(images)
+    if list_file is not None:
+        listing = Path(list_file)
+        if not listing.exists():
+            raise FileNotFoundError(f"list file {list_file!r} does not exist")
+        for line in listing.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                path = Path(line).expanduser()
+                paths.append(str(path if path.is_absolute() else listing.parent / path))
+    if pattern is not None:
+        found = sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
+        if not found:
+            raise FileNotFoundError(f"--glob {pattern!r} matches no file")
+        paths += found
+    if not paths:
+        raise ValueError("no training images: give IMAGES, --list FILE or --glob PATTERN")
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"training image {path!r} does not exist")
+    return paths
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--list", "list_file", type=click.Path(), help="text file with one image path per line")
+@click.option("--glob", "pattern", help="glob pattern of training images (quote it)")
+@click.option("--atlas", type=click.Path(), help="train scan-to-atlas to this fixed image "
+              "(default: scan-to-scan on random pairs)")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(),
+              help="output folder: checkpoint.safetensors, model.safetensors, history.csv, loss.png")
+@click.option("--enc", default="16,32,32,32", show_default=True, help="encoder features per level")
+@click.option("--dec", default="32,32,32,32,32,16,16", show_default=True, help="decoder features")
+@click.option("--int-steps", default=7, show_default=True, type=int,
+              help="scaling-and-squaring steps (0: plain displacement model)")
+@click.option("--int-downsize", default=2, show_default=True, type=int)
+@click.option("--bidir", is_flag=True, help="bidirectional (symmetric) image loss")
+@click.option("--image-loss", type=click.Choice(["mse", "ncc", "mi"]), default="mse",
+              show_default=True)
+@click.option("--lambda", "lambda_", default=0.01, show_default=True, type=float,
+              help="weight of the smoothness (gradient) loss")
+@click.option("--epochs", default=10, show_default=True, type=int, help="total epochs")
+@click.option("--steps-per-epoch", default=None, type=int,
+              help="optimizer steps per epoch (default: number of images / batch size)")
+@click.option("--batch-size", default=1, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.safetensors")
+@click.option("--device", type=_DEVICE, default="auto", show_default=True)
+@click.option("--normalize", type=_NORMALIZE, default="percentile", show_default=True,
+              help=NORMALIZE_HELP + " (stored with the model; register/eval use it by default)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--progress/--no-progress", default=True, help="show a progress bar")
+def train(images, list_file, pattern, atlas, out_dir, enc, dec, int_steps, int_downsize, bidir,
+          image_loss, lambda_, epochs, steps_per_epoch, batch_size, lr, resume, device, normalize,
+          seed, progress):
+    """Train a VoxelMorph model (VxmDense) on IMAGES (and/or --list / --glob).
+
+    All images (and the atlas) must share one grid. Without --atlas, random pairs of training
+    images are registered to each other.
+    """
+    import numpy as np
+
+    from voxreg import io
+    from voxreg.checkpoint import load_checkpoint
+    from voxreg.data import ScanToAtlasDataset, ScanToScanDataset
+    from voxreg.networks import VxmDense
+    from voxreg.training import CHECKPOINT_NAME
+    from voxreg.training import train as run_train
+
+    paths = _gather_images(images, list_file, pattern)
+    if atlas is None and len(paths) < 2:
+        raise ValueError("scan-to-scan training needs at least 2 images (or give --atlas)")
+    if atlas is not None and not Path(atlas).exists():
+        raise FileNotFoundError(f"atlas {atlas!r} does not exist")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"--steps-per-epoch must be a positive integer, got {steps_per_epoch}")
+    if lr <= 0 or not math.isfinite(lr):
+        raise ValueError(f"--lr must be positive, got {lr}")
+    if lambda_ < 0 or not math.isfinite(lambda_):
+        raise ValueError(f"--lambda must be >= 0, got {lambda_}")
+    features = [_int_list(enc, "--enc"), _int_list(dec, "--dec")]
+
+    shape, affine = io.read_grid(paths[0])
+    for path in paths[1:] + ([atlas] if atlas else []):
+        other_shape, other_affine = io.read_grid(path)
+        if other_shape != shape or not np.allclose(other_affine, affine, atol=1e-3, rtol=0):
+            what = (f"shape {other_shape} vs {shape}" if other_shape != shape
+                    else "same shape, different affine")
+            raise ValueError(
+                f"all training images must share one grid: {path!r} differs from {paths[0]!r} "
+                f"({what}); resample them first (e.g. 'voxreg warp' or 'voxreg register --resample')"
+            )
+    if len(shape) not in (2, 3):
+        raise ValueError(f"training images must be 2D or 3D, got shape {shape}")
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out_dir!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {out_dir!r} is not writable")
+    checkpoint = out / CHECKPOINT_NAME
+    dev = _device(device)
+
+    def loader(path: str) -> np.ndarray:
+        image = io.load_image(path)
+        if image.channels:
+            raise ValueError(f"{path!r} has several channels; voxreg train reads one-channel images")
+        return io.normalize(image.data, normalize)
+
+    if resume and checkpoint.exists():
+        model = load_checkpoint(checkpoint, device="cpu").model
+        if tuple(model.config.get("inshape", ())) != tuple(shape):
+            raise ValueError(
+                f"{str(checkpoint)!r} was trained on shape {tuple(model.config.get('inshape', ()))}, "
+                f"the images are {shape}"
+            )
+        click.echo(f"resuming from {checkpoint}")
+    else:
+        if resume:
+            click.echo(f"no {checkpoint} yet: starting a new run")
+        model = VxmDense(shape, nb_features=features, int_steps=int_steps,
+                         int_downsize=int_downsize, bidir=bidir)
+    if atlas is not None:
+        dataset = ScanToAtlasDataset(paths, loader(atlas), pairs_per_epoch=None, seed=seed,
+                                     loader=loader)
+    else:
+        dataset = ScanToScanDataset(paths, seed=seed, loader=loader)
+    bidir_model = bool(getattr(model, "bidir", False))
+    losses = [image_loss] * (2 if bidir_model else 1) + ["grad"]
+    weights = ([0.5, 0.5] if bidir_model else [1.0]) + [lambda_]
+    metadata = {
+        "normalize": normalize, "image_loss": image_loss, "lambda": lambda_,
+        "training_images": len(paths), "atlas": str(atlas) if atlas else None,
+        "grid_affine": np.asarray(affine).tolist(), "created_by": "voxreg train",
+    }
+    history = run_train(
+        model, dataset, losses=losses, loss_weights=weights, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, device=dev, seed=seed,
+        out_dir=out, resume=bool(resume), progress=progress, metadata=metadata,
+    )
+    if history:
+        click.echo(f"epoch {history[-1].get('epoch')}: loss {history[-1].get('loss', float('nan')):.6g}")
+    click.echo(f"model: {out / 'model.safetensors'}")
+    click.echo(f"checkpoint: {checkpoint}")
+
+
+# --------------------------------------------------------------------------------------------
+# demo / models
+# --------------------------------------------------------------------------------------------
+
+
+QUICK_DEMO = {"epochs": 2, "steps_per_epoch": 10, "examples": 2}
+
+
+@cli.command()
+@click.option("--out", "-o", "out_dir", default="voxreg-demo", show_default=True, type=click.Path(),
+              help="output folder")
+@click.option("--quick", is_flag=True, help="a short training run (2 epochs of 10 steps) instead of "
+              "the full tutorial (minutes on a CPU)")
+def demo(out_dir, quick):
+    """Run the MNIST tutorial: train a small 2D model and save its pictures to OUT."""
+    import importlib
+    import inspect
+
+    try:
+        tutorials = importlib.import_module("voxreg.tutorials")
+    except ModuleNotFoundError as err:
+        if err.name not in ("voxreg.tutorials",):
+            raise
+        raise ValueError(
+            "the demo needs voxreg.tutorials (the MNIST tutorial), which this installation "
+            "does not have yet"
+        ) from None
+    tutorial = getattr(tutorials, "mnist_tutorial", None)
+    if tutorial is None:
+        raise ValueError("voxreg.tutorials has no mnist_tutorial(); this installation is incomplete")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out_dir!r} is a file, not a folder")
+    kwargs = {}
+    try:
+        params = inspect.signature(tutorial).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if quick:
+        if "quick" in params:
+            kwargs["quick"] = True
+        else:  # a short run: a few small epochs
+            kwargs.update({k: v for k, v in QUICK_DEMO.items() if k in params})
+    result = tutorial(out, **kwargs)
+    click.echo(f"demo written to {out}")
+    if isinstance(result, dict):
+        for key, value in result.items():
+            click.echo(f"  {key}: {value}")
+
+
+@cli.command()
+def models():
+    """List the models shipped with voxreg (usable as --model NAME)."""
+    from voxreg.checkpoint import list_models
+
+    names = list_models()
+    if not names:
+        click.echo("no shipped models in this installation (give --model a checkpoint file)")
+        return
+    for name in names:
+        click.echo(name)
 
 
 def main() -> None:

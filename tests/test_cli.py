@@ -1,0 +1,247 @@
+"""The voxreg command line on tiny NIfTI volumes with a tiny untrained model."""
+
+import csv
+import subprocess
+import sys
+import types
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import voxreg
+from voxreg import io
+from voxreg.cli import cli
+
+SHAPE = (16, 16, 16)
+AFFINE = np.array([[2.0, 0, 0, -16], [0, 2.0, 0, -16], [0, 0, 2.0, -16], [0, 0, 0, 1]])
+
+
+def _blob(center, seed):
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
+    dist = np.sqrt(((grid - np.array(center)[:, None, None, None]) ** 2).sum(0))
+    noise = np.random.default_rng(seed).random(SHAPE) * 10
+    image = np.clip(200 - 25 * dist + noise, 0, 255).astype(np.uint8)
+    labels = (dist < 3).astype(np.uint8) + (dist < 5).astype(np.uint8) * 2 + (dist < 1.5)
+    return image, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    out = {}
+    for i, center in enumerate([(7, 8, 8), (8, 7, 8), (8, 8, 7), (9, 8, 8)]):
+        image, labels = _blob(center, i)
+        out[f"img{i}"] = io.save_image(root / f"img{i}.nii.gz", image, AFFINE)
+        out[f"lab{i}"] = io.save_image(root / f"lab{i}.nii.gz", labels, AFFINE)
+    torch.manual_seed(0)
+    model = voxreg.networks.VxmDense(SHAPE, nb_features=[[4, 4], [4, 4, 4]], int_steps=3)
+    with torch.no_grad():  # a visible (smooth enough) deformation from an untrained model
+        model.flow.weight.normal_(0, 0.1)
+        model.flow.bias.copy_(torch.tensor([0.6, -0.4, 0.3]))
+    out["model"] = voxreg.save_model(model, root / "tiny.safetensors", metadata={"normalize": "minmax"})
+    out["root"] = root
+    return out
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert_ok(result)
+    for name in ("train", "register", "warp", "eval", "demo", "models"):
+        assert name in result.output
+    assert "percentile" in run("register", "--help").output
+
+
+def test_register_then_warp(files, tmp_path):
+    moved, warp_path = tmp_path / "moved.nii.gz", tmp_path / "warp.nii.gz"
+    result = run("register", files["img0"], files["img1"], "--model", files["model"], "--moved", moved,
+                 "--warp", warp_path, "--device", "cpu")
+    assert_ok(result)
+    assert "seconds per pair" in result.output
+    moved_img, warp_img = nib.load(moved), nib.load(warp_path)
+    np.testing.assert_allclose(moved_img.affine, AFFINE)
+    np.testing.assert_allclose(warp_img.affine, AFFINE)
+    assert moved_img.shape == SHAPE and warp_img.shape == SHAPE + (1, 3)
+    disp, _ = io.load_warp(warp_path)
+    assert np.abs(disp).max() > 0.05  # a real deformation, so the warp checks below mean something
+
+    # applying the saved warp to the (equally normalised) moving image gives the moved image
+    again = tmp_path / "again.nii.gz"
+    assert_ok(run("warp", files["img0"], "--warp", warp_path, "--out", again, "--normalize", "minmax"))
+    np.testing.assert_allclose(io.load_image(again).data, io.load_image(moved).data, atol=1e-4)
+    # ... also from a warp saved in mm
+    mm = tmp_path / "warp_mm.nii.gz"
+    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                  tmp_path / "m2.nii.gz", "--warp", mm, "--warp-units", "mm"))
+    np.testing.assert_allclose(io.load_warp(mm)[0], disp, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(nib.load(mm).dataobj)[..., 0, :].max(), 2 * disp.max(), rtol=1e-4)
+
+    # nearest warping of a label map only produces its labels, with its dtype
+    labels_out = tmp_path / "labels.nii.gz"
+    assert_ok(run("warp", files["lab0"], "--warp", warp_path, "--out", labels_out, "--interp", "nearest"))
+    warped = io.load_image(labels_out).data
+    assert warped.dtype == np.uint8
+    assert set(np.unique(warped)) <= set(np.unique(io.load_image(files["lab0"]).data))
+    assert not np.array_equal(warped, io.load_image(files["lab0"]).data)
+
+
+def test_register_ants_warp(files, tmp_path):
+    warp_path = tmp_path / "ants.nii.gz"
+    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                  tmp_path / "m.nii.gz", "--warp", warp_path, "--warp-format", "ants"))
+    ants = np.moveaxis(np.asarray(nib.load(warp_path).dataobj)[..., 0, :], -1, 0)
+    disp, _ = io.load_warp(warp_path)
+    np.testing.assert_allclose(ants, disp * np.array([-2.0, -2.0, 2.0])[:, None, None, None], atol=1e-4)
+
+
+def test_register_resample(files, tmp_path):
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 2.0
+    other = io.save_image(tmp_path / "other.nii.gz", io.load_image(files["img0"]).data, shifted)
+    result = run("register", other, files["img1"], "-m", files["model"], "--moved", tmp_path / "m.nii.gz")
+    assert_user_error(result, "different grids", "--resample")
+    assert not (tmp_path / "m.nii.gz").exists()
+    assert_ok(run("register", other, files["img1"], "-m", files["model"], "--moved",
+                  tmp_path / "m.nii.gz", "--resample"))
+    np.testing.assert_allclose(nib.load(tmp_path / "m.nii.gz").affine, AFFINE)
+
+
+def test_eval_writes_csvs(files, tmp_path):
+    pairs = files["root"] / "pairs.csv"
+    pairs.write_text("moving,fixed,moving_labels,fixed_labels\n"
+                     "img0.nii.gz,img1.nii.gz,lab0.nii.gz,lab1.nii.gz\n"
+                     f"{files['img2']},img3.nii.gz,{files['lab2']},lab3.nii.gz\n")
+    out = tmp_path / "res.csv"
+    result = run("eval", "--model", files["model"], "--pairs", pairs, "--out", out)
+    assert_ok(result)
+    assert "mean_dice" in result.output and "±" in result.output
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for column in ("moving", "fixed", "mean_dice", "mean_dice_before", "mean_hd95_mm",
+                   "folding_percent", "sd_log_jac", "seconds_per_pair"):
+        assert column in rows[0]
+    assert 0 <= float(rows[0]["mean_dice"]) <= 1 and float(rows[0]["mean_hd95_mm"]) >= 0
+    with open(tmp_path / "res_structures.csv") as handle:
+        structures = list(csv.DictReader(handle))
+    assert {r["label"] for r in structures} == {"2", "3", "4"} and len(structures) == 6
+    assert {"pair", "label", "dice", "dice_before", "hd95_mm"} <= set(structures[0])
+    # --labels restricts the structures
+    assert_ok(run("eval", "-m", files["model"], "--pairs", pairs, "--out", out, "--labels", "2"))
+    with open(tmp_path / "res_structures.csv") as handle:
+        assert {r["label"] for r in csv.DictReader(handle)} == {"2"}
+
+
+def test_train_and_resume(files, tmp_path):
+    out = tmp_path / "run"
+    images = [files[f"img{i}"] for i in range(4)]
+    common = ["--enc", "4,4", "--dec", "4,4,4", "--int-steps", "2", "--steps-per-epoch", "2",
+              "--device", "cpu", "--no-progress", "--out", out, "--normalize", "minmax"]
+    assert_ok(run("train", *images, "--epochs", "1", *common))
+    for name in ("checkpoint.safetensors", "model.safetensors", "history.csv", "loss.png"):
+        assert (out / name).exists(), name
+    assert voxreg.load_checkpoint(out / "checkpoint.safetensors").epoch == 1
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in images) + "\n")
+    result = run("train", "--list", listing, "--epochs", "2", "--resume", *common)
+    assert_ok(result)
+    assert "resuming" in result.output
+    checkpoint = voxreg.load_checkpoint(out / "checkpoint.safetensors")
+    assert checkpoint.epoch == 2 and checkpoint.step == 4
+    assert checkpoint.metadata["normalize"] == "minmax"
+    with open(out / "history.csv") as handle:
+        assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
+    # the trained model registers
+    assert_ok(run("register", images[0], images[1], "-m", out / "model.safetensors", "--moved",
+                  tmp_path / "m.nii.gz"))
+
+
+def test_train_errors(files, tmp_path):
+    small = io.save_image(tmp_path / "small.nii.gz", np.zeros((8, 8, 8), np.uint8), AFFINE)
+    assert_user_error(run("train", files["img0"], small, "--out", tmp_path / "r"), "one grid")
+    assert_user_error(run("train", files["img0"], "--out", tmp_path / "r"), "at least 2")
+    assert_user_error(run("train", "--glob", str(tmp_path / "*.xyz"), "--out", tmp_path / "r"),
+                      "matches no file")
+
+
+def test_error_paths(files, tmp_path):
+    model, img0, img1 = files["model"], files["img0"], files["img1"]
+    moved = tmp_path / "moved.nii.gz"
+    assert_user_error(run("register", tmp_path / "nope.nii.gz", img1, "-m", model, "--moved", moved),
+                      "nope.nii.gz")
+    assert_user_error(run("register", img0, img1, "-m", "no_such_model", "--moved", moved),
+                      "no_such_model")
+    before = io.load_image(img0).data.copy()
+    assert_user_error(run("register", img0, img1, "-m", model, "--moved", img0), "never overwrites")
+    np.testing.assert_array_equal(io.load_image(img0).data, before)
+    assert_user_error(run("register", img0, img1, "-m", model, "--moved", tmp_path / "nodir" / "m.nii.gz"),
+                      "does not exist")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run("register", img0, img1, "-m", model, "--moved", blocker / "m.nii.gz"),
+                      "not a folder")
+    assert_user_error(run("register", img0, img1, "-m", model, "--moved", tmp_path / "m.png"),
+                      "unsupported")
+    bad_model = tmp_path / "bad.safetensors"
+    bad_model.write_bytes(b"garbage!garbage!")
+    assert_user_error(run("register", img0, img1, "-m", bad_model, "--moved", moved))
+    img2d = io.save_image(tmp_path / "flat.nii.gz", np.zeros((16, 16), np.float32), AFFINE)
+    assert_user_error(run("register", img2d, img2d, "-m", model, "--moved", moved))
+    assert_user_error(run("warp", img0, "--warp", img1, "--out", moved), "not a displacement")
+    assert_user_error(run("eval", "-m", model, "--pairs", tmp_path / "none.csv"), "none.csv")
+    assert_user_error(run("register", img0, img1, "-m", model, "--moved", moved, "--bogus"), "--bogus")
+    assert not moved.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "file", "flat.nii.gz"]
+
+
+def test_models_and_demo(tmp_path, monkeypatch):
+    result = run("models")
+    assert_ok(result)
+    assert result.output.strip()
+    # the tutorial module missing: one clear line
+    monkeypatch.setitem(sys.modules, "voxreg.tutorials", None)
+    assert_user_error(run("demo", "--out", tmp_path / "demo", "--quick"), "voxreg.tutorials")
+    # present: it is called with the folder and a short schedule for --quick
+    calls = []
+
+    def fake_tutorial(out_dir, epochs=25, steps_per_epoch=40, seed=0):
+        calls.append((out_dir, epochs, steps_per_epoch))
+        return {"dice": 0.5}
+
+    monkeypatch.setitem(sys.modules, "voxreg.tutorials", types.SimpleNamespace(mnist_tutorial=fake_tutorial))
+    result = run("demo", "--out", tmp_path / "demo", "--quick")
+    assert_ok(result)
+    assert calls == [(tmp_path / "demo", 2, 10)] and "dice: 0.5" in result.output
+
+
+def test_entry_point_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "from voxreg.cli import main; main()", "register",
+         str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-m", "x", "--moved",
+         str(tmp_path / "c.nii.gz")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
