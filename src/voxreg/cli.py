@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 import voxreg
+from voxreg._atomic import atomic_path
 
 NORMALIZE_HELP = (
     "intensity normalisation to [0, 1]: 'percentile' clips to the 0.5th-99.5th percentiles then "
@@ -341,25 +342,11 @@ def _check_csv_out(path: Path, inputs: tuple) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
 
 
 def _fmt(value: Any) -> Any:

@@ -34,7 +34,6 @@ are written as NIfTI vector images ``(*spatial, 1, ndim)`` with intent ``vector`
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from voxreg._atomic import atomic_path
 
 __all__ = [
     "Image",
@@ -443,20 +444,8 @@ def _atomic_write(path: Path, write) -> Path:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise FileNotFoundError(f"output folder {str(parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(ext)]}.", suffix=f".tmp{ext}", dir=parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path, suffix=ext) as tmp:
+        write(str(tmp))
     return path
 
 

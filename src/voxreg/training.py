@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from voxreg import transforms as T
+from voxreg._atomic import atomic_path
 from voxreg.checkpoint import load_checkpoint, save_model
 
 __all__ = ["Trainer", "resolve_loss", "train"]
@@ -256,46 +257,25 @@ def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in history:
             writer.writerow({k: row.get(k, "") for k in columns})
-    os.replace(tmp, path)
 
 
 def _plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss curves, one line per term (matplotlib's Agg canvas; the global backend is untouched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Loss curves, one line per loss term (log scale when all values are positive)."""
+    from voxreg import plot
 
     skip = {"epoch", "step", "seconds", "lr"}
     keys: list[str] = []
     for row in history:
         keys += [k for k, v in row.items() if k not in skip and k not in keys
                  and isinstance(v, (int, float))]
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    epochs = [row["epoch"] for row in history]
-    positive = True
-    for key in keys:
-        values = [row.get(key, float("nan")) for row in history]
-        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, ms=3, label=key,
-                lw=2 if key == "loss" else 1)
-        positive &= all(v > 0 for v in values if v == v)
-    if positive and keys:
-        ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    values = [row[k] for row in history for k in keys if k in row]
+    positive = bool(values) and all(v > 0 for v in values if v == v)
+    plot.history(history, log=positive, keys=keys or None, save=path)
 
 
 # --------------------------------------------------------------------------------------------
