@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/warp_annotations.py --out $(OUT)
+	$(BIN)/python examples/warp_annotations.py --out $(OUT)/annotations
+	$(BIN)/python examples/mnist_tutorial.py --out $(OUT)/mnist
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
