@@ -26,6 +26,9 @@ from voxreg.layers import ResizeTransform, SpatialTransformer, VecInt
 __all__ = ["Transform", "Unet", "VxmDense", "build_model", "default_unet_features"]
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def default_unet_features() -> list[list[int]]:
     """VoxelMorph's default UNet features: ``[[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]``."""
     return [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]
@@ -421,10 +424,15 @@ class VxmDense(nn.Module):
             for s, p in zip(reversed(shape), reversed(padded)):
                 pad += [0, p - s]
             x = F.pad(x, pad)
+        if x.device.type == "cpu":
+            # oneDNN's CPU convolutions run ~1.4x faster on channels-last activations (2D; about
+            # even in 3D); the field comes back in the standard layout
+            x = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
         field = self.flow(self.unet_model(x))
         crop = self._velocity_shape(shape) if self.unet_half_res else shape
         if tuple(field.shape[2:]) != crop:
             field = field[(slice(None), slice(None), *(slice(0, c) for c in crop))]
+        field = field.contiguous()
 
         velocity = self.resize(field) if self._downsizes else field
         disp = self._to_disp(velocity, shape)
