@@ -326,21 +326,6 @@ def _read_pairs(pairs: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _check_csv_out(path: Path, inputs: tuple) -> None:
-    for item in inputs:
-        if Path(item).resolve() == path.resolve():
-            raise ValueError(f"output {str(path)!r} is an input: voxreg never overwrites its inputs")
-    if path.is_dir():
-        raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
-    parent = path.resolve().parent
-    if not parent.exists():
-        raise FileNotFoundError(f"output folder {str(parent)!r} does not exist")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {str(parent)!r} is not writable")
-
-
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -405,7 +390,7 @@ def eval_command(model_name, pairs, out, labels, no_hd95, resample, normalize, d
     struct_path = out_path.with_name(out_path.stem + "_structures.csv")
     all_inputs = tuple([pairs] + [r[c] for r in rows for c in r])
     for path in (out_path, struct_path):
-        _check_csv_out(path, all_inputs)
+        io.check_output_file(path, all_inputs)
     dev = _device(device)
     model = _load_model(model_name, dev)
     ndim = model_ndim(model)

@@ -389,15 +389,20 @@ def resample_to(
 
 
 def check_output_path(path: str | os.PathLike, inputs: tuple = ()) -> Path:
-    """Check that ``path`` can be written as an output without touching an input.
+    """Check that ``path`` can be written as an image output without touching an input.
 
     Raises:
         ValueError: unsupported extension, or ``path`` is one of ``inputs``.
         FileNotFoundError / NotADirectoryError / PermissionError: its folder is missing, not a
             folder, or not writable.
     """
+    format_of(Path(path))
+    return check_output_file(path, inputs)
+
+
+def check_output_file(path: str | os.PathLike, inputs: tuple = ()) -> Path:
+    """:func:`check_output_path` for any file (no extension check), e.g. a CSV table."""
     path = Path(path)
-    format_of(path)
     if path.is_dir():
         raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
     resolved = path.resolve()

@@ -43,7 +43,6 @@ the MSE from 0.092 to 0.0044 (95%) with 0.35% folded pixels, on the sevens from 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -52,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from voxreg.checkpoint import _plain
 
 __all__ = ["MNIST_FEATURES", "mnist_model", "mnist_tutorial", "save_tutorial_model"]
 
@@ -139,20 +140,6 @@ def _figures(case: str, title: str, moving, fixed, moved, disp, out_dir: Path,
     fig.suptitle(f"{title}: displacements, on the fixed image")
     plot._save(fig, flow_path)
     return {"pairs": str(slices_path), "flow": str(flow_path)}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def mnist_tutorial(
