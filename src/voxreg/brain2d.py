@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from voxreg import registration
 from voxreg import transforms as T
+from voxreg.data import evaluation_pairs
+from voxreg.metrics import mean_dice_present
 from voxreg.networks import VxmDense
 
 __all__ = [
@@ -95,14 +98,9 @@ def load_ixi2d(path: str | os.PathLike | None = None, view: str = "axial") -> di
 
 
 def val_pairs(n: int, count: int = 50, seed: int = 0) -> np.ndarray:
-    """``count`` distinct ordered pairs ``(moving, fixed)`` of ``n`` images, ``moving != fixed``,
-    drawn reproducibly from ``seed``; ``(count, 2)`` int array."""
-    if n < 2:
-        raise ValueError(f"need at least 2 images for pairs, got {n}")
-    count = min(int(count), n * (n - 1))
-    rng = np.random.default_rng([int(seed), 2024])
-    all_pairs = np.array([(i, j) for i in range(n) for j in range(n) if i != j])
-    return all_pairs[np.sort(rng.choice(len(all_pairs), size=count, replace=False))]
+    """``count`` distinct ordered pairs ``(moving, fixed)`` of ``n`` images, drawn reproducibly
+    from ``seed`` (:func:`voxreg.data.evaluation_pairs`, stream 2024)."""
+    return evaluation_pairs(n, count, seed, stream=2024)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,21 +228,13 @@ def dice_per_label(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> np.nd
 
 def pair_dice(fixed_labels: np.ndarray, moved_labels: np.ndarray,
               moving_labels: np.ndarray | None = None) -> float:
-    """Mean Dice over the non-zero labels present in both the fixed and the moving label slice
-    (``moving_labels``; the moved slice itself when not given)."""
-    source = moved_labels if moving_labels is None else moving_labels
-    labels = np.intersect1d(np.unique(fixed_labels), np.unique(source))
-    labels = labels[labels != 0]
-    if labels.size == 0:
-        return float("nan")
-    return float(np.mean(dice_per_label(fixed_labels, moved_labels, labels)))
+    """Mean Dice over the non-zero labels present in both maps
+    (:func:`voxreg.metrics.mean_dice_present`)."""
+    return mean_dice_present(fixed_labels, moved_labels, moving_labels)
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    return registration._model_device(model)
 
 
 def register_pairs(model: nn.Module, images: np.ndarray, pairs: np.ndarray,

@@ -32,7 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxreg import registration
 from voxreg import transforms as T
+from voxreg.data import evaluation_pairs
+from voxreg.metrics import mean_dice_present
 from voxreg.networks import VxmDense
 
 __all__ = [
@@ -117,14 +120,9 @@ def load_ixi(split: str = "train", path: str | os.PathLike | None = None, labels
 
 
 def val_pairs(n: int, count: int = 10, seed: int = 0) -> np.ndarray:
-    """``count`` distinct ordered pairs ``(moving, fixed)`` of ``n`` subjects, ``moving != fixed``,
-    drawn reproducibly from ``seed``; ``(count, 2)`` int array."""
-    if n < 2:
-        raise ValueError(f"need at least 2 subjects for pairs, got {n}")
-    count = min(int(count), n * (n - 1))
-    rng = np.random.default_rng([int(seed), 3030])
-    all_pairs = np.array([(i, j) for i in range(n) for j in range(n) if i != j])
-    return all_pairs[np.sort(rng.choice(len(all_pairs), size=count, replace=False))]
+    """``count`` distinct ordered pairs ``(moving, fixed)`` of ``n`` subjects, drawn reproducibly
+    from ``seed`` (:func:`voxreg.data.evaluation_pairs`, stream 3030)."""
+    return evaluation_pairs(n, count, seed, stream=3030)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,33 +246,13 @@ def train_brain3d(
 
 def pair_dice(fixed_labels: np.ndarray, moved_labels: np.ndarray,
               moving_labels: np.ndarray | None = None) -> float:
-    """Mean Dice over the non-zero labels present in both the fixed and the moving label map
-    (``moving_labels``; the moved map itself when not given). A label lost by the warp counts
-    as Dice 0."""
-    fixed_labels = np.asarray(fixed_labels)
-    moved_labels = np.asarray(moved_labels)
-    source = moved_labels if moving_labels is None else np.asarray(moving_labels)
-    labels = np.intersect1d(np.unique(fixed_labels), np.unique(source))
-    labels = labels[labels != 0]
-    if labels.size == 0:
-        return float("nan")
-    # per-label counts with bincount: one pass over the volume, not one per label
-    size = int(max(fixed_labels.max(), moved_labels.max(), labels.max())) + 1
-    a = fixed_labels.ravel().astype(np.int64)
-    b = moved_labels.ravel().astype(np.int64)
-    count_a = np.bincount(a, minlength=size)
-    count_b = np.bincount(b, minlength=size)
-    both = np.bincount(a[a == b], minlength=size)
-    total = count_a[labels] + count_b[labels]
-    dice = np.where(total > 0, 2.0 * both[labels] / np.maximum(total, 1), np.nan)
-    return float(np.nanmean(dice))
+    """Mean Dice over the non-zero labels present in both maps
+    (:func:`voxreg.metrics.mean_dice_present`)."""
+    return mean_dice_present(fixed_labels, moved_labels, moving_labels)
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    return registration._model_device(model)
 
 
 def register_pair(model: nn.Module, moving: np.ndarray, fixed: np.ndarray

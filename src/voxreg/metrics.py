@@ -156,3 +156,26 @@ def jacobian_stats(disp: Any, mask: Any = None) -> dict[str, float]:
         "jac_max": float(det.max()),
         "jac_mean": float(det.mean()),
     }
+
+
+def mean_dice_present(fixed_labels: np.ndarray, moved_labels: np.ndarray,
+                      moving_labels: np.ndarray | None = None) -> float:
+    """Mean Dice over the non-zero labels present in both the fixed map and the moving map
+    (``moving_labels``; the moved map itself when not given), the VoxelMorph evaluation rule.
+    A label lost by the warp counts as 0; NaN when no label is shared. One pass over the
+    volume (bincount), not one per label."""
+    fixed_labels = np.asarray(fixed_labels)
+    moved_labels = np.asarray(moved_labels)
+    source = moved_labels if moving_labels is None else np.asarray(moving_labels)
+    labels = np.intersect1d(np.unique(fixed_labels), np.unique(source))
+    labels = labels[labels != 0]
+    if labels.size == 0:
+        return float("nan")
+    size = int(max(fixed_labels.max(), moved_labels.max(), labels.max())) + 1
+    a = fixed_labels.ravel().astype(np.int64)
+    b = moved_labels.ravel().astype(np.int64)
+    count_a = np.bincount(a, minlength=size)
+    count_b = np.bincount(b, minlength=size)
+    both = np.bincount(a[a == b], minlength=size)
+    total = count_a[labels] + count_b[labels]
+    return float(np.mean(2.0 * both[labels] / total))

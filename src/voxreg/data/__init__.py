@@ -10,6 +10,7 @@ from voxreg.data.generators import (
     ImageSource,
     ScanToAtlasDataset,
     ScanToScanDataset,
+    evaluation_pairs,
     vxm_data_generator,
 )
 from voxreg.data.mnist import find_mnist, load_mnist, prepare_digits
@@ -18,6 +19,7 @@ __all__ = [
     "ImageSource",
     "ScanToAtlasDataset",
     "ScanToScanDataset",
+    "evaluation_pairs",
     "find_mnist",
     "load_mnist",
     "prepare_digits",

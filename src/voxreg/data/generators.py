@@ -346,3 +346,14 @@ def vxm_data_generator(
             moving = np.stack([source[int(i)] for i in idx_moving])
             fixed = np.stack([source[int(i)] for i in idx_fixed])
         yield [moving, fixed], [fixed, zero]
+
+
+def evaluation_pairs(n: int, count: int, seed: int = 0, stream: int = 0) -> np.ndarray:
+    """``count`` distinct ordered pairs ``(moving, fixed)`` of ``n`` images (``moving != fixed``),
+    drawn reproducibly from ``(seed, stream)``: ``(count, 2)`` int array, sorted."""
+    if n < 2:
+        raise ValueError(f"need at least 2 images for pairs, got {n}")
+    count = min(int(count), n * (n - 1))
+    rng = np.random.default_rng([int(seed), int(stream)])
+    all_pairs = np.array([(i, j) for i in range(n) for j in range(n) if i != j])
+    return all_pairs[np.sort(rng.choice(len(all_pairs), size=count, replace=False))]
