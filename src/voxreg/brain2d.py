@@ -7,7 +7,7 @@ subject-to-subject on the 121 axial training slices of ``ixi2d.npz`` with
 (``voxreg.load_model("brain2d-smooth")``).
 
 * :func:`load_ixi2d` reads the slices (the file's path: argument, ``$VOXREG_IXI2D`` or
-  :data:`DEFAULT_DATA`).
+  ``ixi2d/ixi2d.npz`` in the shared data folder, see :mod:`voxreg.data.locate`).
 * :func:`train_brain2d` trains one model, optionally within a wall-clock budget.
 * :func:`evaluate_brain2d` registers fixed validation pairs and reports label Dice before
   (identity) and after registration, % folding voxels and seconds per pair.
@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from voxreg import registration
 from voxreg import transforms as T
 from voxreg.data import evaluation_pairs
+from voxreg.data.locate import shared_data, shared_data_candidates
 from voxreg.metrics import mean_dice_present
 from voxreg.networks import VxmDense
 
 __all__ = [
     "DATA_CREDIT",
-    "DEFAULT_DATA",
     "SEED_FEATURES",
     "compare_figure",
     "dice_per_label",
@@ -49,7 +49,7 @@ __all__ = [
     "val_pairs",
 ]
 
-DEFAULT_DATA = Path("/work/shared/data/ixi2d/ixi2d.npz")
+RELATIVE_DATA = Path("ixi2d") / "ixi2d.npz"
 INSHAPE = (96, 112)
 # the seed tutorial's features for 2D (its MNIST section): encoder, decoder
 SEED_FEATURES = [[32, 32, 32, 32], [32, 32, 32, 32, 32, 16]]
@@ -67,9 +67,12 @@ DATA_CREDIT = (
 
 
 def data_path(path: str | os.PathLike | None = None) -> Path:
-    """The ``ixi2d.npz`` to use: ``path``, else ``$VOXREG_IXI2D``, else :data:`DEFAULT_DATA`."""
+    """The ``ixi2d.npz`` to use: ``path``, else ``$VOXREG_IXI2D``, else ``ixi2d/ixi2d.npz`` in
+    the shared data folder (:func:`voxreg.data.locate.shared_data`; where it would first be
+    looked for when it is absent)."""
     if path is None:
-        path = os.environ.get("VOXREG_IXI2D") or DEFAULT_DATA
+        path = (os.environ.get("VOXREG_IXI2D") or shared_data(RELATIVE_DATA)
+                or shared_data_candidates(RELATIVE_DATA)[0])
     path = Path(path)
     if path.is_dir():
         path = path / "ixi2d.npz"

@@ -35,12 +35,12 @@ from torch import nn
 from voxreg import registration
 from voxreg import transforms as T
 from voxreg.data import evaluation_pairs
+from voxreg.data.locate import shared_data, shared_data_candidates
 from voxreg.metrics import mean_dice_present
 from voxreg.networks import VxmDense
 
 __all__ = [
     "DATA_CREDIT",
-    "DEFAULT_DATA",
     "FEATURES",
     "INSHAPE",
     "evaluate_brain3d",
@@ -52,7 +52,7 @@ __all__ = [
     "val_pairs",
 ]
 
-DEFAULT_DATA = Path("/work/shared/data/ixi")
+RELATIVE_DATA = Path("ixi")
 INSHAPE = (96, 112, 96)
 # VoxelMorph's default 3D features (vxm_dense, "vm2"): encoder, decoder
 FEATURES = [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]
@@ -70,9 +70,12 @@ DATA_CREDIT = (
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The ``ixi/`` folder to use: ``path``, else ``$VOXREG_IXI``, else :data:`DEFAULT_DATA`."""
+    """The ``ixi/`` folder to use: ``path``, else ``$VOXREG_IXI``, else ``ixi/`` in the shared
+    data folder (:func:`voxreg.data.locate.shared_data`; where it would first be looked for when
+    it is absent)."""
     if path is None:
-        path = os.environ.get("VOXREG_IXI") or DEFAULT_DATA
+        path = (os.environ.get("VOXREG_IXI") or shared_data(RELATIVE_DATA)
+                or shared_data_candidates(RELATIVE_DATA)[0])
     return Path(path)
 
 

