@@ -85,3 +85,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: in
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+def write_json(path, result: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (the folder is created) and say where."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")

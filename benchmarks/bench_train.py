@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_info, format_table, setup_threads  # noqa: E402
+from _common import env_info, format_table, setup_threads, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VXM_PYTHON = ROOT / ".venv-vxm" / "bin" / "python"
@@ -463,9 +463,7 @@ def main(argv=None) -> int:
             "env": env_info(), "voxreg": voxreg_res, "vxm": vxm_res, "vxm_note": vxm_note,
             "rows": records, "profile_variants": prof, "elapsed_s": elapsed,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_info, format_table, setup_threads, time_fn  # noqa: E402
+from _common import env_info, format_table, setup_threads, time_fn, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VXM_PYTHON = ROOT / ".venv-vxm" / "bin" / "python"
@@ -412,9 +412,7 @@ def main(argv=None) -> int:
             "env": env_info(), "vxm_env": vxm_env, "vxm_note": vxm_note,
             "rows": records, "checks": checks, "elapsed_s": elapsed,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

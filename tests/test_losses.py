@@ -8,13 +8,7 @@ import torch
 
 from voxreg import losses as L
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):

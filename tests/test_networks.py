@@ -21,13 +21,7 @@ def _pair(shape, batch=1, seed=0, channels=(1, 1)):
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves (and the machine may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_flow(model: VxmDense, std: float = 1.0) -> None:
