@@ -159,18 +159,26 @@ def _grid_error(a, b, a_name: str, b_name: str) -> str:
     return f"{a_name} {str(a.path)!r} and {b_name} {str(b.path)!r} are on different grids ({what})"
 
 
+def _onto_grid(image, fixed, name: str, fixed_name: str, resample: bool, interp: str):
+    """``image`` on ``fixed``'s grid: as it is when the grids match, resampled with ``--resample``,
+    else a clear error."""
+    from voxreg import io
+
+    if io.same_grid(image, fixed):
+        return image
+    if not resample:
+        raise ValueError(
+            _grid_error(image, fixed, name, fixed_name)
+            + f"; pass --resample to resample the {name} onto the {fixed_name} grid"
+        )
+    return io.resample_to(image, fixed, interp)
+
+
 def _prepare_pair(moving_path, fixed_path, resample: bool, normalize: str, model_ndim: int):
     from voxreg import io
 
-    moving = io.load_image(moving_path)
     fixed = io.load_image(fixed_path)
-    if not io.same_grid(moving, fixed):
-        if not resample:
-            raise ValueError(
-                _grid_error(moving, fixed, "moving", "fixed")
-                + "; pass --resample to resample the moving image onto the fixed grid"
-            )
-        moving = io.resample_to(moving, fixed, "linear")
+    moving = _onto_grid(io.load_image(moving_path), fixed, "moving", "fixed", resample, "linear")
     moving.data = io.normalize(moving.data, normalize)
     fixed.data = io.normalize(fixed.data, normalize)
     _fit_rank(moving, model_ndim, "moving image")
@@ -272,13 +280,7 @@ def warp_command(image, warp_path, out, interp, normalize, resample):
     img = io.load_image(image)
     if img.ndim == 3 and disp.shape[0] == 2 and img.shape[-1] == 1:
         img.data = img.data[..., 0]
-    if not io.same_grid(img, grid):
-        if not resample:
-            raise ValueError(
-                _grid_error(img, grid, "image", "warp")
-                + "; pass --resample to resample the image onto the warp's grid first"
-            )
-        img = io.resample_to(img, grid, interp)
+    img = _onto_grid(img, grid, "image", "warp", resample, interp)
     data = img.data if interp == "nearest" else io.normalize(img.data, normalize)
     tensor = torch.from_numpy(np.ascontiguousarray(data))
     tensor = tensor[None] if img.channels else tensor[None, None]
@@ -406,13 +408,7 @@ def eval_command(model_name, pairs, out, labels, no_hd95, resample, normalize, d
         _fit_rank(fix_seg, ndim, "fixed labels")
         if not io.same_grid(fix_seg, fix):
             raise ValueError(_grid_error(fix_seg, fix, "fixed labels", "fixed image"))
-        if not io.same_grid(mov_seg, fix):
-            if not resample:
-                raise ValueError(
-                    _grid_error(mov_seg, fix, "moving labels", "fixed image")
-                    + "; pass --resample to resample them onto the fixed grid"
-                )
-            mov_seg = io.resample_to(mov_seg, fix, "nearest")
+        mov_seg = _onto_grid(mov_seg, fix, "moving labels", "fixed image", resample, "nearest")
         _, disp, seconds = run_register(model, mov.data, fix.data, device=dev, return_time=True)
         disp_np = np.asarray(disp, dtype=np.float32)
         seg_t = torch.from_numpy(np.ascontiguousarray(mov_seg.data))[None, None]
