@@ -11,7 +11,11 @@ volumes with ``MSE + 0.01 * Grad("l2")``, Adam, batch 1. The run folder (default
         >> runs/brain3d/train.log 2>&1 &
     # score the last checkpoint on 10 validation pairs; --ship saves it as the shipped
     # model (src/voxreg/models/brain3d.safetensors) when it beats no registration
-    python examples/brain3d.py evaluate --pairs 10 --ship
+    python examples/brain3d.py evaluate --pairs 10 --ship --name brain3d
+    # the diffeomorphic, bidirectional model, started from the plain one's weights
+    python examples/brain3d.py --run runs/brain3d-diff train --int-steps 7 --bidir \
+        --init-from runs/brain3d/checkpoint.safetensors --stop-at 15:40
+    python examples/brain3d.py --run runs/brain3d-diff evaluate --ship --name brain3d-diff
     # mid-slice pictures of one validation pair
     python examples/brain3d.py figures
 
@@ -32,7 +36,6 @@ from voxreg import brain3d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
 
 DEFAULT_RUN = "runs/brain3d"
-SHIPPED = "brain3d"
 
 
 def parse_stop_at(text: str | None) -> float | None:
@@ -56,7 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _, history = brain3d.train_brain3d(
         args.run, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         lambda_=args.lambda_, seed=args.seed, resume=args.resume, time_budget=args.time_budget,
-        stop_at=parse_stop_at(args.stop_at), threads=args.threads, data=args.data)
+        stop_at=parse_stop_at(args.stop_at), threads=args.threads, data=args.data,
+        int_steps=args.int_steps, int_downsize=args.int_downsize, bidir=args.bidir,
+        init_from=args.init_from)
     if history:
         last = history[-1]
         secs = sum(r["seconds"] for r in history)
@@ -91,15 +96,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if ckpt is None:
             print("--ship needs the run's checkpoint (no --model)", file=sys.stderr)
             return 2
+        if args.name is None:
+            print("--ship needs --name (the shipped model's name)", file=sys.stderr)
+            return 2
         if not result["dice_after"] > result["dice_before"]:
             print("not shipped: Dice after registration does not beat no registration")
             return 1
         settings = (ckpt.metadata or {}).get("training", {})
+        config = ckpt.model.config
         steps = int(ckpt.step or 0)
         meta = {
             "data": brain3d.DATA_CREDIT,
             "task": "IXI T1 subject-to-subject, 96x112x96 at 2 mm, affinely aligned to MNI152",
-            "losses": ["mse", "grad l2"], "lambda": (ckpt.metadata or {}).get("lambda"),
+            "losses": (["mse (both directions)"] if config.get("bidir") else ["mse"])
+            + ["grad l2" + (" on the velocity" if config.get("int_steps") else "")],
+            "lambda": (ckpt.metadata or {}).get("lambda"),
+            "init_from": (ckpt.metadata or {}).get("init_from"),
             "lr": settings.get("lr"), "batch_size": settings.get("batch_size"),
             "optimizer": "Adam", "steps": steps, "epochs": int(ckpt.epoch or 0),
             "val_pairs": len(result["pairs"]), "pair_seed": args.pair_seed,
@@ -109,10 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "seconds_per_pair_cpu": round(result["seconds_per_pair"], 3),
             "input": "images in [0, 1] (uint8 / 255, or --normalize minmax)",
             "normalize": "minmax",
-            "note": (f"preliminary: trained {steps} steps on 2 CPU cores; resume with "
-                     "examples/brain3d.py train --resume"),
+            "note": (f"trained {steps} steps on 2 CPU cores with examples/brain3d.py "
+                     f"(run {args.run}); more steps: train --resume"),
         }
-        path = save_model(ckpt.model, MODELS_DIR / f"{SHIPPED}.safetensors", metadata=meta,
+        path = save_model(ckpt.model, MODELS_DIR / f"{args.name}.safetensors", metadata=meta,
                           step=steps, epoch=int(ckpt.epoch or 0))
         print(f"shipped {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -152,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=None, help="seconds of training")
     t.add_argument("--stop-at", default=None,
                    help="UTC 'HH:MM' (or epoch seconds): start no epoch that would end after it")
+    t.add_argument("--int-steps", type=int, default=0,
+                   help="scaling-and-squaring steps (0: plain displacement model, the seed's)")
+    t.add_argument("--int-downsize", type=int, default=2, help="velocity resolution divisor")
+    t.add_argument("--bidir", action="store_true", help="bidirectional image loss")
+    t.add_argument("--init-from", default=None,
+                   help="start a new run from this model's matching weights (path or name)")
     t.set_defaults(func=cmd_train)
     for name, func, helptext in (("evaluate", cmd_evaluate, "score the run on validation pairs"),
                                  ("figures", cmd_figures, "mid-slice pictures of a val pair")):
@@ -162,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--pair-seed", type=int, default=0)
         if name == "evaluate":
             s.add_argument("--ship", action="store_true",
-                           help="save as src/voxreg/models/brain3d.safetensors if it beats "
+                           help="save as src/voxreg/models/NAME.safetensors if it beats "
                                 "no registration")
+            s.add_argument("--name", default=None,
+                           help="the shipped model's name with --ship (brain3d, brain3d-diff)")
         s.set_defaults(func=func)
     return p
 

@@ -59,6 +59,28 @@ def test_time_budget_stops_between_epochs(tmp_path):
     assert len(history) == 1  # at least one epoch, then the budget stops it
 
 
+def test_diffeomorphic_bidirectional_run_starts_from_the_plain_model(tmp_path):
+    images = _tiny_images()
+    kw = dict(steps_per_epoch=2, lr=1e-3, lambda_=0.01, seed=0, images=images, nb_features=TINY,
+              threads=None, verbose=False)
+    plain, _ = brain3d.train_brain3d(tmp_path / "plain", epochs=1, **kw)
+    diff, history = brain3d.train_brain3d(
+        tmp_path / "diff", epochs=1, int_steps=5, int_downsize=2, bidir=True,
+        init_from=tmp_path / "plain" / "checkpoint.safetensors", **kw)
+    assert diff.int_steps == 5 and diff.bidir
+    assert {"transformer_loss", "neg_transformer_loss", "flow_loss"} <= set(history[-1])
+    ckpt = load_checkpoint(tmp_path / "diff" / "checkpoint.safetensors")
+    assert ckpt.metadata["training"]["reg_on"] == "velocity"
+    assert ckpt.metadata["init_from"].endswith("checkpoint.safetensors")
+    # the warm start copied every weight (same layers), so before training they were equal
+    fresh = brain3d.make_model(TINY, (16, 16, 16), int_steps=5, bidir=True)
+    assert brain3d.warm_start(fresh, plain) == len(plain.state_dict())
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value)
+    with pytest.raises(ValueError, match="no weight"):
+        brain3d.warm_start(fresh, torch.nn.Linear(2, 2))
+
+
 def test_pair_dice_matches_metrics_and_evaluate_reports_all_numbers():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 5, (16, 16, 16))
@@ -86,8 +108,11 @@ def test_example_parses_its_subcommands():
     args = module.build_parser().parse_args(["train", "--resume", "--stop-at", "13:05"])
     assert args.resume and args.steps_per_epoch == 25 and args.lr == 1e-3
     assert module.parse_stop_at("12345") == 12345.0
-    args = module.build_parser().parse_args(["evaluate", "--pairs", "3", "--ship"])
-    assert args.pairs == 3 and args.ship
+    args = module.build_parser().parse_args(["evaluate", "--pairs", "3", "--ship", "--name", "x"])
+    assert args.pairs == 3 and args.ship and args.name == "x"
+    args = module.build_parser().parse_args(["train", "--int-steps", "7", "--bidir",
+                                             "--init-from", "brain3d"])
+    assert args.int_steps == 7 and args.bidir and args.init_from == "brain3d"
 
 
 @needs_ixi

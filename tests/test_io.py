@@ -219,3 +219,14 @@ def test_real_ixi_image_and_labels():
     assert image.data.dtype == np.float32 and 0.0 <= image.data.min() and image.data.max() == 1.0
     assert labels.data.dtype == np.uint8 and len(np.unique(labels.data)) > 100
     assert io.read_grid(IXI / "images" / f"{subject}.nii.gz")[0] == (96, 112, 96)
+
+
+@pytest.mark.parametrize("ext", [".npz", ".npy"])
+def test_numpy_warp_round_trip_2d_and_3d(tmp_path, ext):
+    rng = np.random.default_rng(6)
+    for shape in ((3, 4, 5, 6), (2, 5, 7)):
+        disp = rng.normal(size=shape).astype(np.float32)
+        path = io.save_warp(tmp_path / f"w{len(shape)}{ext}", disp, np.eye(4))
+        back, affine = io.load_warp(path)
+        np.testing.assert_array_equal(back, disp)
+        np.testing.assert_array_equal(affine, np.eye(4))

@@ -50,6 +50,7 @@ __all__ = [
     "pair_dice",
     "train_brain3d",
     "val_pairs",
+    "warm_start",
 ]
 
 RELATIVE_DATA = Path("ixi")
@@ -134,11 +135,36 @@ def val_pairs(n: int, count: int = 10, seed: int = 0) -> np.ndarray:
 
 
 def make_model(nb_features: Sequence[Sequence[int]] | None = None,
-               inshape: Sequence[int] = INSHAPE) -> VxmDense:
-    """The 3D brain model: ``VxmDense(inshape, nb_features, int_steps=0)`` (default features:
-    VoxelMorph's, :data:`FEATURES`)."""
+               inshape: Sequence[int] = INSHAPE, int_steps: int = 0, int_downsize: int = 2,
+               bidir: bool = False) -> VxmDense:
+    """The 3D brain model: ``VxmDense(inshape, nb_features, int_steps)`` (default features:
+    VoxelMorph's, :data:`FEATURES`). ``int_steps=0`` is the plain model of the seed;
+    ``int_steps=7, int_downsize=2, bidir=True`` the diffeomorphic, bidirectional one."""
     features = FEATURES if nb_features is None else [list(f) for f in nb_features]
-    return VxmDense(inshape=tuple(inshape), nb_features=features, int_steps=0)
+    return VxmDense(inshape=tuple(inshape), nb_features=features, int_steps=int(int_steps),
+                    int_downsize=int(int_downsize), bidir=bool(bidir))
+
+
+def warm_start(model: VxmDense, source: str | os.PathLike | nn.Module) -> int:
+    """Copy into ``model`` every weight of ``source`` (a checkpoint path, a shipped model name or
+    a module) whose name and shape match; returns how many tensors were copied.
+
+    Used to start a diffeomorphic model from the plain one: the UNet and flow head are the same
+    layers, and for the small deformations of affinely aligned brains the velocity that
+    integrates to a displacement is close to that displacement, so the copied head is a good
+    first guess of the velocity; training then adapts it.
+    """
+    from voxreg.checkpoint import load_model
+
+    other = source if isinstance(source, nn.Module) else load_model(source)
+    theirs = other.state_dict()
+    mine = model.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not copied:
+        raise ValueError(f"warm start: no weight of {source!r} matches the model's")
+    mine.update(copied)
+    model.load_state_dict(mine)
+    return len(copied)
 
 
 def train_brain3d(
@@ -157,6 +183,10 @@ def train_brain3d(
     data: str | os.PathLike | None = None,
     progress: bool = False,
     verbose: bool = True,
+    int_steps: int = 0,
+    int_downsize: int = 2,
+    bidir: bool = False,
+    init_from: str | os.PathLike | None = None,
 ) -> tuple[VxmDense, list[dict[str, Any]]]:
     """Train the 3D brain model scan-to-scan with ``MSE + lambda_ * Grad("l2")``, batch 1.
 
@@ -184,6 +214,12 @@ def train_brain3d(
         nb_features: UNet features (default :data:`FEATURES`).
         threads: ``torch.set_num_threads`` (``None``: leave as is).
         data: the ``ixi/`` folder (default ``$VOXREG_IXI`` or the shared copy).
+        int_steps, int_downsize, bidir: the model (:func:`make_model`). With ``int_steps > 0``
+            the smoothness term acts on the velocity (scaled by ``int_downsize`` as in
+            VoxelMorph); with ``bidir`` the image term is ``0.5 MSE(fixed, moved) +
+            0.5 MSE(moving, moved_fixed)``.
+        init_from: a model (path or shipped name) whose matching weights start a *new* run
+            (:func:`warm_start`); ignored when resuming.
 
     Returns:
         ``(model, history)``: the trained model (eval mode) and the per-epoch history.
@@ -211,16 +247,23 @@ def train_brain3d(
                   flush=True)
     images = np.asarray(images, dtype=np.float32)
     torch.manual_seed(int(seed))
-    model = make_model(nb_features, images.shape[1:])
+    model = make_model(nb_features, images.shape[1:], int_steps, int_downsize, bidir)
     dataset = ScanToScanDataset(images, pairs_per_epoch=steps_per_epoch, seed=seed)
 
     features = FEATURES if nb_features is None else [list(f) for f in nb_features]
     meta = {"data": DATA_CREDIT, "lambda": float(lambda_), "nb_features": features}
+    if init_from is not None and not (out_dir / CHECKPOINT_NAME).is_file():
+        copied = warm_start(model, init_from)
+        meta["init_from"] = str(init_from)
+        if verbose:
+            print(f"warm start: {copied} weight tensors from {init_from}", flush=True)
+    image_terms = ["mse", "mse"] if bidir else ["mse"]
+    image_weights = [0.5, 0.5] if bidir else [1.0]
     common = dict(
-        losses=["mse", "grad"], loss_weights=[1.0, float(lambda_)],
+        losses=[*image_terms, "grad"], loss_weights=[*image_weights, float(lambda_)],
         steps_per_epoch=steps_per_epoch, batch_size=1, lr=lr, device="cpu", seed=seed,
-        out_dir=out_dir, checkpoint_every=1, progress=progress, reg_on="disp", verbose=verbose,
-        metadata=meta,
+        out_dir=out_dir, checkpoint_every=1, progress=progress,
+        reg_on="velocity" if int_steps > 0 else "disp", verbose=verbose, metadata=meta,
     )
     history: list[dict[str, Any]] = []
     done = 0

@@ -148,7 +148,9 @@ def _pick_npz(archive: Any, path: Path, key: str | None, prefer: tuple[str, ...]
     )
 
 
-def _read(path: Path, key: str | None, prefer: tuple[str, ...]) -> Image:
+def _read(path: Path, key: str | None, prefer: tuple[str, ...], vector: bool = False) -> Image:
+    """Read ``path``; ``vector=True`` takes an ``.npz``/``.npy`` array ``(ndim, *spatial)`` as a
+    field with its components first (a displacement)."""
     ext = format_of(path)
     _check_exists(path)
     try:
@@ -180,6 +182,8 @@ def _read(path: Path, key: str | None, prefer: tuple[str, ...]) -> Image:
     if not data.dtype.isnative:  # MGH files are big-endian
         data = data.astype(data.dtype.newbyteorder("="))
     channels = False
+    if vector and ext not in _NIBABEL and data.ndim in (3, 4) and data.shape[0] == data.ndim - 1:
+        channels = True
     if ext in _NIBABEL:
         if data.ndim == 5 and data.shape[3] == 1:  # vector image (X, Y, Z, 1, C)
             data = np.moveaxis(data[:, :, :, 0], -1, 0)
@@ -627,7 +631,7 @@ def load_warp(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     ext = format_of(path)
     if ext in (".npz", ".npy"):
-        image = _read(path, None, ("disp", "vol"))
+        image = _read(path, None, ("disp", "vol"), vector=True)
         return _as_disp(image.data).astype(np.float32), image.affine
     image = _read(path, None, ())
     data = image.data
