@@ -11,10 +11,14 @@ of VoxelMorph, in this order:
                             (``reg_on="velocity"``, VoxelMorph's choice, when the model can return
                             it) or on the displacement (``reg_on="disp"``)
 ``seg_loss``                only when the data carry label maps: loss ``(fixed_onehot,
-                            warp(moving_onehot, disp))``, e.g. Dice
+                            warp(moving_onehot, disp))``, e.g. Dice (optionally on a grid
+                            ``seg_downsize`` times coarser, and on a subset ``seg_labels``)
 ==========================  ==================================================================
 
-``loss`` is the weighted sum; the terms are logged unweighted (as Keras does).
+``loss`` is the weighted sum; the terms are logged unweighted (as Keras does). An image term
+given as ``None`` or with weight 0 is not computed at all (nor logged): SynthMorph-style training
+(images never used as targets) is ``losses=[None, "grad", "dice"]``, ``loss_weights=[0, lambda,
+1]`` on data that carry label maps (e.g. :class:`voxreg.data.SynthPairDataset`).
 
 The data can be a map-style torch ``Dataset`` (e.g. :class:`voxreg.data.ScanToScanDataset`; best:
 batches are drawn reproducibly from ``seed`` and the epoch, so a resumed run sees exactly the
@@ -43,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
@@ -319,6 +324,7 @@ class Trainer:
         val_fn: Callable[[nn.Module], Any] | None = None,
         reg_on: str = "auto",
         seg_labels: Sequence[int] | None = None,
+        seg_downsize: int = 1,
         num_workers: int = 0,
         verbose: bool = True,
         metadata: dict[str, Any] | None = None,
@@ -337,6 +343,8 @@ class Trainer:
             raise ValueError(f"reg_on must be 'auto', 'velocity' or 'disp', got {reg_on!r}")
         if resume and out_dir is None and not isinstance(resume, (str, os.PathLike)):
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+        if isinstance(seg_downsize, bool) or not isinstance(seg_downsize, int) or seg_downsize < 1:
+            raise ValueError(f"seg_downsize must be a positive integer, got {seg_downsize!r}")
 
         self.model = model
         self.device = _pick_device(device)
@@ -365,6 +373,9 @@ class Trainer:
             )
         self.reg_on = reg_on
         self.seg_labels = None if seg_labels is None else [int(v) for v in seg_labels]
+        if self.seg_labels is not None and not self.seg_labels:
+            raise ValueError("seg_labels must hold at least one label")
+        self.seg_downsize = seg_downsize
         if self.seg_labels is None:
             found = getattr(data, "labels", None)
             if found is not None:
@@ -408,49 +419,92 @@ class Trainer:
                 f"loss_weights must hold one weight per loss term ({len(losses)}), got "
                 f"{len(loss_weights)}"
             )
+        if any(not math.isfinite(w) for w in loss_weights):
+            raise ValueError(f"loss_weights must be finite numbers, got {loss_weights}")
         self.seg_loss = losses[-1] if has_seg else None
         losses = losses[: len(names)]
+        if losses[-1] is None:
+            raise ValueError("the flow_loss (regulariser) term cannot be None; give weight 0 instead")
         self.names = names
-        self.loss_fns = [resolve_loss(f, downsize if n == "flow_loss" else None)
+        self.loss_fns = [None if f is None else resolve_loss(f, downsize if n == "flow_loss" else None)
                          for f, n in zip(losses, names)]
         self.loss_fns[-1] = _field_loss(self.loss_fns[-1])
-        self.weights = loss_weights[: len(names)]
+        self.weights = [0.0 if f is None else w for f, w in zip(self.loss_fns, loss_weights)]
+        # image terms that cost nothing: not computed (SynthMorph trains on the seg loss alone)
+        self._skip = {n for n, f, w in zip(names, self.loss_fns, self.weights)
+                      if n != "flow_loss" and (f is None or w == 0)}
+        self._images_unused = len(self._skip) == len(names) - 1
         self.seg_weight = loss_weights[len(names)] if self.seg_loss is not None else 0.0
         self._seg_fn = resolve_loss(self.seg_loss) if self.seg_loss is not None else None
+        if self._images_unused and (self._seg_fn is None or self.seg_weight == 0):
+            raise ValueError(
+                "the image loss is None or has weight 0 and there is no weighted seg_loss: "
+                "nothing but smoothness to fit; give an image loss weight or a seg loss (e.g. "
+                "losses=[None, 'grad', 'dice'], loss_weights=[0, 0.01, 1] with label maps)"
+            )
 
     # ---------------------------------------------------------------------------------------
 
     def _forward(self, moving: Tensor, fixed: Tensor, moving_seg, fixed_seg) -> dict[str, Tensor]:
+        if self._images_unused and (self._seg_fn is None or moving_seg is None):
+            raise ValueError(
+                "the image loss is None or has weight 0, so training needs label maps, but this "
+                "batch carries none (moving_seg/fixed_seg)"
+            )
+        # without image terms a bidirectional model need not warp the fixed image
+        kwargs = {"registration": True} if (self._images_unused and self.bidir
+                                              and self._accepts("registration")) else {}
+        bidir = self.bidir and not kwargs
         if self.reg_on == "velocity":
-            out = self.model(moving, fixed, return_velocity=True)
+            out = self.model(moving, fixed, return_velocity=True, **kwargs)
             field, out = out[-1], out[:-1]
         else:
-            out = self.model(moving, fixed)
+            out = self.model(moving, fixed, **kwargs)
             field = None
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
             raise ValueError("the model must return (moved, disp) or (moved, moved_fixed, disp)")
         moved, disp = out[0], out[-1]
         if field is None:
             field = disp
-        terms = {"transformer_loss": self.loss_fns[0](fixed, moved)}
-        if self.bidir:
+        terms: dict[str, Tensor] = {}
+        if "transformer_loss" not in self._skip:
+            terms["transformer_loss"] = self.loss_fns[0](fixed, moved)
+        if bidir:
             if len(out) != 3:
                 raise ValueError("a bidirectional model must return (moved, moved_fixed, disp)")
-            terms["neg_transformer_loss"] = self.loss_fns[1](moving, out[1])
+            if "neg_transformer_loss" not in self._skip:
+                terms["neg_transformer_loss"] = self.loss_fns[1](moving, out[1])
         terms["flow_loss"] = self.loss_fns[-1](torch.zeros_like(field), field)
         if self._seg_fn is not None and moving_seg is not None:
-            labels = self.seg_labels
-            if labels is None:
-                labels = [v for v in torch.unique(torch.cat([moving_seg.flatten(),
-                                                              fixed_seg.flatten()])).tolist()
-                          if v != 0]
-            labels_t = torch.as_tensor(labels, device=moving_seg.device, dtype=moving_seg.dtype)
-            warped = T.warp(_one_hot(moving_seg, labels_t), disp)
-            terms["seg_loss"] = self._seg_fn(_one_hot(fixed_seg, labels_t), warped)
+            terms["seg_loss"] = self._seg_term(moving_seg, fixed_seg, disp)
         return terms
 
+    def _seg_term(self, moving_seg: Tensor, fixed_seg: Tensor, disp: Tensor) -> Tensor:
+        """The seg loss between the fixed one-hot labels and the moving ones warped by ``disp``
+        (``(B, ndim, *spatial)``), on a grid ``seg_downsize`` times coarser if asked: there the
+        one-hot maps are averaged over ``f**ndim`` blocks (soft label fractions) and the field too,
+        divided by ``f`` (coarse voxels), which keeps the two grids aligned."""
+        labels = self.seg_labels
+        if labels is None:
+            labels = [v for v in torch.unique(torch.cat([moving_seg.flatten(),
+                                                          fixed_seg.flatten()])).tolist()
+                      if v != 0]
+        labels_t = torch.as_tensor(labels, device=moving_seg.device, dtype=moving_seg.dtype)
+        moving_onehot = _one_hot(moving_seg, labels_t)
+        fixed_onehot = _one_hot(fixed_seg, labels_t)
+        factor = self.seg_downsize
+        if factor > 1:
+            if min(disp.shape[2:]) < factor:
+                raise ValueError(f"seg_downsize {factor} is larger than the image "
+                                 f"{tuple(disp.shape[2:])}")
+            pool = F.avg_pool2d if disp.dim() == 4 else F.avg_pool3d
+            moving_onehot = pool(moving_onehot, factor)
+            fixed_onehot = pool(fixed_onehot, factor)
+            disp = pool(disp, factor) / factor
+        return self._seg_fn(fixed_onehot, T.warp(moving_onehot, disp))
+
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
-        total = sum(w * terms[n] for n, w in zip(self.names, self.weights))
+        total = sum(w * terms[n] for n, w in zip(self.names, self.weights) if n in terms)
         if "seg_loss" in terms:
             total = total + self.seg_weight * terms["seg_loss"]
         return total
@@ -469,8 +523,9 @@ class Trainer:
             _plot_history(self.history, self.out_dir / PLOT_NAME)
 
     def _settings(self) -> dict[str, Any]:
-        return {
-            "losses": [getattr(f, "__name__", type(f).__name__) for f in self.loss_fns]
+        settings = {
+            "losses": ["none" if f is None else getattr(f, "__name__", type(f).__name__)
+                       for f in self.loss_fns]
             + ([getattr(self._seg_fn, "__name__", type(self._seg_fn).__name__)]
                if self._seg_fn is not None else []),
             "loss_weights": self.weights + ([self.seg_weight] if self._seg_fn is not None else []),
@@ -480,6 +535,10 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "seed": self.seed,
         }
+        if self._seg_fn is not None:
+            settings["seg_labels"] = self.seg_labels
+            settings["seg_downsize"] = self.seg_downsize
+        return settings
 
     def _resume(self) -> None:
         path = (Path(self.resume) if isinstance(self.resume, (str, os.PathLike))
@@ -625,7 +684,8 @@ def train(
         losses: one loss per term in the order ``transformer_loss``, (``neg_transformer_loss``
             for bidirectional models), ``flow_loss``, and optionally ``seg_loss``; callables
             ``(y_true, y_pred) -> scalar`` or names (see :func:`resolve_loss`). Default:
-            ``mse``, ``grad`` and, when the data has label maps, ``dice``.
+            ``mse``, ``grad`` and, when the data has label maps, ``dice``. An image term may
+            be ``None`` (or get weight 0): it is then skipped, and the seg loss drives training.
         loss_weights: one weight per term; default ``[1, 0.01]`` (``[0.5, 0.5, 0.01]`` when
             bidirectional), plus ``0.01`` for a seg term (also when only it is left out).
         epochs: total number of epochs (a resumed run continues up to it).
@@ -644,6 +704,7 @@ def train(
             gradients; its values enter the history prefixed ``val_``.
         **kwargs: ``reg_on`` (``"auto"``, ``"velocity"`` or ``"disp"``), ``seg_labels`` (labels of
             the seg term; default the dataset's ``labels`` without 0, else those in each batch),
+            ``seg_downsize`` (compute the seg term on a grid this many times coarser, default 1),
             ``num_workers``, ``verbose`` (print the per-epoch line), ``metadata`` (stored in the
             checkpoints).
 

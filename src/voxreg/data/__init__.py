@@ -3,7 +3,9 @@
 * :func:`load_mnist`, :func:`prepare_digits`, :func:`find_mnist` (:mod:`voxreg.data.mnist`);
 * :class:`ScanToScanDataset`, :class:`ScanToAtlasDataset` (torch ``Dataset`` s of image pairs)
   and the VoxelMorph-tutorial-style generator :func:`vxm_data_generator`
-  (:mod:`voxreg.data.generators`).
+  (:mod:`voxreg.data.generators`);
+* SynthMorph-style synthetic pairs: :class:`SynthPairDataset`, :func:`synth_label_maps`,
+  :func:`synth_images`, :func:`synth_pair` (:mod:`voxreg.data.synthesis`).
 """
 
 from voxreg.data.generators import (
@@ -14,14 +16,28 @@ from voxreg.data.generators import (
     vxm_data_generator,
 )
 from voxreg.data.mnist import find_mnist, load_mnist, prepare_digits
+from voxreg.data.synthesis import (
+    ImageSynthesis,
+    LabelSynthesis,
+    SynthPairDataset,
+    synth_images,
+    synth_label_maps,
+    synth_pair,
+)
 
 __all__ = [
     "ImageSource",
+    "ImageSynthesis",
+    "LabelSynthesis",
     "ScanToAtlasDataset",
     "ScanToScanDataset",
+    "SynthPairDataset",
     "evaluation_pairs",
     "find_mnist",
     "load_mnist",
     "prepare_digits",
+    "synth_images",
+    "synth_label_maps",
+    "synth_pair",
     "vxm_data_generator",
 ]
