@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_train.py [--repeats 10] [--cases mnist,brain2d]
                                                [--json OUT] [--vxm-python PATH] [--no-vxm]
                                                [--malloc both|on|off] [--profile]
+                                               [--rounds R] [--threads N] [--clock wall|cpu]
+                                               [--interleave]
 
 A training step is ``zero_grad(set_to_none=True)``, forward, loss ``MSE(fixed, moved) +
 lambda * Grad_l2(field)`` (lambda 0.01), ``backward()`` and ``Adam(lr=1e-4).step()``, float32,
@@ -31,6 +33,12 @@ voxreg is timed in this process (its malloc tuning as the environment sets it, o
 with ``--malloc both`` (default), again in a subprocess with ``VOXREG_MALLOC_TUNING=0``.
 voxelmorph runs in a subprocess of ``.venv-vxm`` with the default allocator, as it ships.
 Each row: 3 untimed warm-up steps, then ``--repeats`` timed steps; median and minimum in ms.
+``--clock cpu`` (with ``--threads 1``) times each step by the CPU time of the thread that runs it
+(``time.thread_time``) instead of the wall clock: on a machine shared with other jobs it counts
+only this process's own work, so the two implementations can be compared under load (cache and
+memory-bandwidth contention still inflate both a little). ``--interleave`` keeps one process per
+implementation (and malloc mode) alive and steps them in turn, one step of every row at a time,
+so that bursts of load from other jobs reach all rows alike (``--rounds`` alternates whole runs).
 ``--profile`` adds a torch.profiler table of voxreg's equal-architecture step and timings of
 variants of that step (foreach Adam, channels_last, mkldnn off, no isfinite check, bare loop).
 """
@@ -78,14 +86,25 @@ LABELS = {
 }
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = CLOCKS["wall"]
+
+
+def set_clock(name: str) -> None:
+    """Time steps by the wall clock (``"wall"``) or by this thread's CPU time (``"cpu"``, only
+    meaningful with one intra-op thread)."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
 def time_steps(step: Callable[[], Any], repeats: int, warmup: int = WARMUP) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         step()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((_clock() - start) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "times_ms": times}
 
 
@@ -110,20 +129,22 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def vxm_worker(workdir: Path, repeats: int, threads: int, cases: list[str], seed: int) -> None:
-    setup_threads(threads)
+def vxm_setup(inputs, cases: list[str], seed: int) -> tuple[dict[str, Callable[[], Any]],
+                                                            dict[str, Any]]:
+    """voxelmorph's training steps per row ``case/model`` and the row-independent results
+    (parameter counts, the loss check, the environment)."""
     import neurite as ne
     import voxelmorph as vxm
 
-    inputs = torch.load(workdir / "inputs.pt")
     mse, grad = ne.nn.modules.MSE(), ne.nn.modules.SpatialGradient(penalty="l2")
+    steps: dict[str, Callable[[], Any]] = {}
     results: dict[str, Any] = {"rows": {}, "params": {}}
     for case in cases:
         moving, fixed = inputs[f"{case}/moving"], inputs[f"{case}/fixed"]
-        for key, steps in VXM_MODELS.items():
+        for key, int_steps in VXM_MODELS.items():
             torch.manual_seed(seed)
             model = vxm.nn.models.VxmPairwise(2, 1, 1, nb_features=VXM_FEATURES,
-                                              integration_steps=steps)
+                                              integration_steps=int_steps)
             model.train()
             opt = torch.optim.Adam(model.parameters(), lr=LR)
 
@@ -136,13 +157,21 @@ def vxm_worker(workdir: Path, repeats: int, threads: int, cases: list[str], seed
                 opt.step()
                 return loss
 
-            results["rows"][f"{case}/{key}"] = time_steps(step, repeats)
+            steps[f"{case}/{key}"] = step
             results["params"][key] = n_params(model)
     a, b = inputs["check/a"], inputs["check/b"]
     results["loss_check"] = {"mse": float(mse(a, b)), "grad_l2": float(grad(a))}
     info = env_info()
     info["voxelmorph"], info["neurite"] = vxm.__version__, getattr(ne, "__version__", "?")
     results["env"] = info
+    return steps, results
+
+
+def vxm_worker(workdir: Path, repeats: int, threads: int, cases: list[str], seed: int) -> None:
+    setup_threads(threads)
+    steps, results = vxm_setup(torch.load(workdir / "inputs.pt"), cases, seed)
+    for row, step in steps.items():
+        results["rows"][row] = time_steps(step, repeats)
     (workdir / "vxm_results.json").write_text(json.dumps(results))
 
 
@@ -193,18 +222,20 @@ def voxreg_step(model, moving, fixed, *, trainer: bool = True, isfinite: bool = 
     return step
 
 
-def voxreg_run(inputs, repeats: int, cases: list[str], seed: int) -> dict[str, Any]:
+def voxreg_setup(inputs, cases: list[str], seed: int) -> tuple[dict[str, Callable[[], Any]],
+                                                               dict[str, Any]]:
+    """voxreg's training steps per row ``case/model`` and the row-independent results."""
     import voxreg
     from voxreg import losses as L
 
+    steps: dict[str, Callable[[], Any]] = {}
     results: dict[str, Any] = {"rows": {}, "params": {}}
     for case in cases:
         moving, fixed = inputs[f"{case}/moving"], inputs[f"{case}/fixed"]
         shape = tuple(moving.shape[2:])
         for key in VOXREG_MODELS:
             model = voxreg_model(key, shape, seed)
-            results["rows"][f"{case}/{key}"] = time_steps(voxreg_step(model, moving, fixed),
-                                                          repeats)
+            steps[f"{case}/{key}"] = voxreg_step(model, moving, fixed)
             results["params"][key] = n_params(model)
     a, b = inputs["check/a"], inputs["check/b"]
     results["loss_check"] = {"mse": float(L.mse(a, b)), "grad_l2": float(L.grad(a, "l2"))}
@@ -212,6 +243,13 @@ def voxreg_run(inputs, repeats: int, cases: list[str], seed: int) -> dict[str, A
     results["malloc_tuned"] = bool(runtime and runtime.allocator_tuned())
     results["env"] = env_info()
     results["env"]["voxreg"] = voxreg.__version__
+    return steps, results
+
+
+def voxreg_run(inputs, repeats: int, cases: list[str], seed: int) -> dict[str, Any]:
+    steps, results = voxreg_setup(inputs, cases, seed)
+    for row, step in steps.items():
+        results["rows"][row] = time_steps(step, repeats)
     return results
 
 
@@ -223,15 +261,103 @@ def voxreg_worker(workdir: Path, repeats: int, threads: int, cases: list[str], s
 
 
 def run_worker(python: Path, flag: str, workdir: Path, repeats: int, threads: int,
-               cases: list[str], seed: int, env_extra: dict[str, str], out_name: str):
+               cases: list[str], seed: int, env_extra: dict[str, str], out_name: str,
+               clock: str = "wall"):
     cmd = [str(python), str(Path(__file__).resolve()), flag, str(workdir), "--repeats",
            str(repeats), "--threads", str(threads), "--cases", ",".join(cases), "--seed",
-           str(seed)]
+           str(seed), "--clock", clock]
     env = {**os.environ, **env_extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {flag} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads((workdir / out_name).read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# --interleave: one persistent process per implementation, stepped in turn
+# --------------------------------------------------------------------------------------------
+
+
+def serve(kind: str, workdir: Path, threads: int, cases: list[str], seed: int) -> None:
+    """Build ``kind``'s steps ("vxm" or "voxreg"), then run one step per row named on stdin and
+    answer its time (``ms <value>``); on ``done`` write the row-independent results."""
+    setup_threads(threads)
+    inputs = torch.load(workdir / "inputs.pt")
+    steps, results = (vxm_setup if kind == "vxm" else voxreg_setup)(inputs, cases, seed)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        row = line.strip()
+        if row == "done":
+            break
+        start = _clock()
+        steps[row]()
+        print(f"ms {(_clock() - start) * 1e3!r}", flush=True)
+    (workdir / f"{kind}_{os.getpid()}.json").write_text(json.dumps(results))
+
+
+class _Server:
+    """A :func:`serve` process seen from the driver."""
+
+    def __init__(self, python: Path, kind: str, workdir: Path, threads: int, cases: list[str],
+                 seed: int, clock: str, env_extra: dict[str, str]):
+        cmd = [str(python), str(Path(__file__).resolve()), f"--serve-{kind}", str(workdir),
+               "--threads", str(threads), "--cases", ",".join(cases), "--seed", str(seed),
+               "--clock", clock]
+        self.kind, self.workdir = kind, workdir
+        self.log = workdir / f"{kind}_{len(list(workdir.glob('*.log')))}.log"
+        with open(self.log, "w") as log:  # a file: a full stderr pipe would block the server
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, text=True, env={**os.environ, **env_extra})
+        self._expect("ready")
+
+    def _stderr(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:  # skip anything the libraries print
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"{self.kind} server ended ({self.proc.wait()}):\n{self._stderr()}")
+
+    def step(self, row: str) -> float:
+        self.proc.stdin.write(row + "\n")
+        self.proc.stdin.flush()
+        return float(self._expect("ms ").split()[1])
+
+    def finish(self) -> dict[str, Any]:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.close()
+        if self.proc.wait(timeout=60) != 0:
+            raise RuntimeError(f"{self.kind} server failed:\n{self._stderr()}")
+        return json.loads((self.workdir / f"{self.kind}_{self.proc.pid}.json").read_text())
+
+
+def run_interleaved(servers: dict[str, _Server], cases: list[str], repeats: int
+                    ) -> dict[str, dict[str, Any]]:
+    """Warm every row up, then ``repeats`` times: one step of every row on every server in
+    turn, so that a change in the machine's load reaches all of them alike."""
+    rows = {label: [f"{c}/{k}" for c in cases
+                    for k in (VXM_MODELS if srv.kind == "vxm" else VOXREG_MODELS)]
+            for label, srv in servers.items()}
+    times: dict[str, dict[str, list[float]]] = {label: {r: [] for r in rows[label]}
+                                                 for label in servers}
+    order = [f"{c}/{k}" for c in cases for k in VOXREG_MODELS]
+    for label, srv in servers.items():
+        for row in rows[label]:
+            for _ in range(WARMUP):
+                srv.step(row)
+    for _ in range(repeats):
+        for row in order:
+            for label, srv in servers.items():
+                if row in times[label]:
+                    times[label][row].append(srv.step(row))
+    out = {}
+    for label, srv in servers.items():
+        res = srv.finish()
+        res["rows"] = {r: {"median_ms": statistics.median(t), "min_ms": min(t), "times_ms": t}
+                       for r, t in times[label].items()}
+        out[label] = res
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,18 +459,34 @@ def main(argv=None) -> int:
                         help="run voxreg and voxelmorph alternately this many times and pool "
                              "the steps (default 1; use 2-3 on a shared machine)")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="'wall' (default) or 'cpu': each step's CPU time in the thread "
+                             "that runs it, robust to other jobs' load; needs --threads 1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep one process per implementation (and malloc mode) and step "
+                             "them in turn, one step of each row at a time, --repeats x "
+                             "--rounds times: the fairest comparison on a loaded machine")
     parser.add_argument("--vxm-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-vxm", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-voxreg", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--voxreg-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.rounds < 1:
         parser.error("--repeats and --rounds must be >= 1")
     threads = args.threads or os.cpu_count() or 1
+    if args.clock == "cpu" and threads != 1:
+        parser.error("--clock cpu counts one thread's CPU time: it needs --threads 1")
+    set_clock(args.clock)
     if args.vxm_worker is not None:
         vxm_worker(args.vxm_worker, args.repeats, threads, args.cases, args.seed)
         return 0
     if args.voxreg_worker is not None:
         voxreg_worker(args.voxreg_worker, args.repeats, threads, args.cases, args.seed)
+        return 0
+    if args.serve_vxm is not None or args.serve_voxreg is not None:
+        kind = "vxm" if args.serve_vxm is not None else "voxreg"
+        serve(kind, args.serve_vxm or args.serve_voxreg, threads, args.cases, args.seed)
         return 0
 
     threads = setup_threads(threads)
@@ -354,8 +496,9 @@ def main(argv=None) -> int:
     print("voxreg VxmDense vs voxelmorph VxmPairwise: training step (zero_grad + forward + "
           f"MSE + {LAMBDA} * Grad l2 + backward + Adam), 2D, float32, CPU")
     print(f"torch {torch.__version__}, {threads} threads (os.cpu_count() = {os.cpu_count()}), "
-          f"{args.repeats} timed steps after {WARMUP} warm-up x {args.rounds} round(s), "
-          f"seed {args.seed}; "
+          f"{args.repeats} timed steps after {WARMUP} warm-up x {args.rounds} round(s)"
+          f"{' interleaved step by step' if args.interleave else ''}, "
+          f"seed {args.seed}, {args.clock} clock; "
           f"load average at start {load_start}")
 
     voxreg_res: dict[str, dict[str, Any]] = {}
@@ -371,24 +514,46 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
         torch.save(inputs, workdir / "inputs.pt")
-        for _ in range(args.rounds):  # alternate the implementations so load hits them alike
-            for mode in modes:
-                if (mode == "on") == env_on:  # this process already has that allocator
-                    res = voxreg_run(inputs, args.repeats, args.cases, args.seed)
-                else:
-                    res = run_worker(Path(sys.executable), "--voxreg-worker", workdir,
-                                     args.repeats, threads, args.cases, args.seed,
-                                     {"VOXREG_MALLOC_TUNING": "1" if mode == "on" else "0"},
-                                     "voxreg_results.json")
-                voxreg_res[mode] = merge(voxreg_res.get(mode), res)
-            if vxm_note is None:
-                try:
-                    res = run_worker(args.vxm_python, "--vxm-worker", workdir, args.repeats,
-                                     threads, args.cases, args.seed, {}, "vxm_results.json")
-                    vxm_res = merge(vxm_res, res)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    vxm_note = f"voxelmorph skipped: {exc}"
-                    vxm_res = None
+        if args.interleave:
+            servers: dict[str, _Server] = {}
+            try:
+                for mode in modes:
+                    servers[mode] = _Server(Path(sys.executable), "voxreg", workdir, threads,
+                                            args.cases, args.seed, args.clock,
+                                            {"VOXREG_MALLOC_TUNING": "1" if mode == "on" else "0"})
+                if vxm_note is None:
+                    try:
+                        servers["vxm"] = _Server(args.vxm_python, "vxm", workdir, threads,
+                                                 args.cases, args.seed, args.clock, {})
+                    except RuntimeError as exc:
+                        vxm_note = f"voxelmorph skipped: {exc}"
+                interleaved = run_interleaved(servers, args.cases, args.repeats * args.rounds)
+            finally:
+                for srv in servers.values():
+                    if srv.proc.poll() is None:
+                        srv.proc.kill()
+            vxm_res = interleaved.pop("vxm", None)
+            voxreg_res = interleaved
+        else:
+            for _ in range(args.rounds):  # alternate the implementations so load hits them alike
+                for mode in modes:
+                    if (mode == "on") == env_on:  # this process already has that allocator
+                        res = voxreg_run(inputs, args.repeats, args.cases, args.seed)
+                    else:
+                        res = run_worker(Path(sys.executable), "--voxreg-worker", workdir,
+                                         args.repeats, threads, args.cases, args.seed,
+                                         {"VOXREG_MALLOC_TUNING": "1" if mode == "on" else "0"},
+                                         "voxreg_results.json", args.clock)
+                    voxreg_res[mode] = merge(voxreg_res.get(mode), res)
+                if vxm_note is None:
+                    try:
+                        res = run_worker(args.vxm_python, "--vxm-worker", workdir, args.repeats,
+                                         threads, args.cases, args.seed, {}, "vxm_results.json",
+                                         args.clock)
+                        vxm_res = merge(vxm_res, res)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        vxm_note = f"voxelmorph skipped: {exc}"
+                        vxm_res = None
 
     for mode, res in voxreg_res.items():
         print(f"voxreg {res['env']['voxreg']} [malloc {mode}]: tuning in effect = "
@@ -459,6 +624,7 @@ def main(argv=None) -> int:
         result = {
             "cases": {c: {"batch": CASES[c][0], "shape": list(CASES[c][1])} for c in args.cases},
             "repeats": args.repeats, "rounds": args.rounds, "warmup": WARMUP, "lambda": LAMBDA, "lr": LR,
+            "clock": args.clock,
             "seed": args.seed, "load_avg_start": load_start, "load_avg_end": load_avg(),
             "env": env_info(), "voxreg": voxreg_res, "vxm": vxm_res, "vxm_note": vxm_note,
             "rows": records, "profile_variants": prof, "elapsed_s": elapsed,

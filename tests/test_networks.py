@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from voxreg import networks
 from voxreg import transforms as T
+from voxreg.checkpoint import list_models, load_model, read_checkpoint
 from voxreg.networks import Transform, Unet, VxmDense, build_model
 
 SMALL = [[8, 8, 8], [8, 8, 8, 8, 4]]  # 3 pooling levels, 2 final convs
@@ -91,6 +94,188 @@ def test_unet_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         Unet(**args)
+
+
+# ------------------------------------------------------------------------------------------
+# Unet implementation against a straightforward reference
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_block(block, x):
+    return F.leaky_relu(block.main(x), 0.2)
+
+
+def _reference_unet(net: Unet, x: torch.Tensor) -> torch.Tensor:
+    """VoxelMorph's UNet written out plainly: conv + LeakyReLU, max-pool, nearest upsampling,
+    concatenation (no fused decoder, standard layout)."""
+    history = []
+    for convs in net.encoder:
+        for block in convs:
+            x = _reference_block(block, x)
+        history.append(x)
+        x = F.max_pool2d(x, 2) if x.dim() == 4 else F.max_pool3d(x, 2)
+    for level, convs in enumerate(net.decoder):
+        for block in convs:
+            x = _reference_block(block, x)
+        if not net.half_res or level < net.nb_levels - 2:
+            skip = history.pop()
+            x = torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], dim=1)
+    for block in net.remaining:
+        x = _reference_block(block, x)
+    return x
+
+
+def _outputs_and_grads(fn, module, inputs, seed=5):
+    """fn(*inputs), and the gradients of a random linear function of it with respect to the
+    inputs and the module's parameters."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    params = list(module.parameters())
+    grads = torch.autograd.grad((out * weights).sum(), inputs + params)
+    return out, grads
+
+
+@pytest.fixture
+def fuse_everything(monkeypatch):
+    """Use the fused decoder step wherever it is exact (tiny test sizes are below the size
+    thresholds), and count its calls."""
+    monkeypatch.setattr(networks, "_FUSE_MIN_VOXELS", 1)
+    monkeypatch.setattr(networks, "_ONEDNN_MIN_ELEMENTS", 0)
+    calls = []
+    original = networks._upsample_concat_conv
+
+    def counted(block, coarse, skip):
+        calls.append(tuple(coarse.shape))
+        return original(block, coarse, skip)
+
+    monkeypatch.setattr(networks, "_upsample_concat_conv", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "coarse_shape, skip_channels",
+    [((2, 3, 5, 4), 2), ((1, 4, 1, 1), 3), ((1, 2, 3, 4, 2), 3), ((2, 3, 2, 2, 2), 1)],
+)
+def test_upsample_concat_conv_equals_upsample_cat_conv(coarse_shape, skip_channels):
+    """conv(cat(upsample(coarse), skip)) == transposed conv of coarse + conv of skip: outputs and
+    gradients (inputs, weight, bias), borders included, 2D and 3D, in float64."""
+    ndim = len(coarse_shape) - 2
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(coarse_shape, generator=g, dtype=torch.float64)
+    skip_shape = (coarse_shape[0], skip_channels, *(2 * s for s in coarse_shape[2:]))
+    skip = torch.randn(skip_shape, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    block = networks.ConvBlock(ndim, coarse_shape[1] + skip_channels, 5).double()
+    with torch.no_grad():
+        block.main.bias.normal_()
+
+    def reference(c, s):
+        up = F.interpolate(c, size=s.shape[2:], mode="nearest")
+        return _reference_block(block, torch.cat([up, s], dim=1))
+
+    expected = _outputs_and_grads(reference, block, [coarse, skip])
+    fused = _outputs_and_grads(lambda c, s: networks._upsample_concat_conv(block, c, s), block,
+                               [coarse, skip])
+    torch.testing.assert_close(fused[0], expected[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the result is far from what dropping the border terms would give
+    assert expected[0].abs().max() > 0.1
+
+
+def test_upsampled_kernel_is_the_sum_of_the_covered_taps():
+    """The tap matrix by hand: per axis, transposed taps 0..3 are w2, w1+w2, w0+w1, w0."""
+    rows, cols = torch.tensor([1.0, 10.0, 100.0]), torch.tensor([0.0, 1.0, 0.0])
+    kernel = networks._upsampled_conv_kernel(torch.outer(rows, cols).view(1, 1, 3, 3))
+    expected = torch.outer(torch.tensor([100.0, 110.0, 11.0, 1.0]), torch.tensor([0.0, 1, 1, 0]))
+    torch.testing.assert_close(kernel, expected.view(1, 1, 4, 4))
+
+
+UNET_CASES = [
+    # inshape, infeats, nb_features, kwargs, number of fused decoder steps
+    ((16, 16), 2, SMALL, {}, 3),
+    ((16, 12), 2, [[4, 6, 5], [6, 5, 4, 3]], {}, 2),  # 2x1 -> 4x3 is not a plain x2
+    ((16, 16), 2, [[4, 6], [6, 5]], {}, 1),  # the last concatenation is the UNet's output
+    ((16, 16), 1, 4, dict(nb_levels=3, feat_mult=2, nb_conv_per_level=2), 2),
+    ((16, 16), 2, SMALL, dict(half_res=True), 2),
+    ((13, 11), 2, SMALL, {}, 0),  # odd sizes: the plain upsampling path everywhere
+    ((8, 8, 8), 2, SMALL, {}, 3),
+    ((8, 12, 8), 1, [[4, 4], [4, 4, 3]], {}, 2),
+]
+
+
+@pytest.mark.parametrize("inshape, infeats, features, kwargs, n_fused", UNET_CASES)
+def test_unet_matches_reference_in_float64(inshape, infeats, features, kwargs, n_fused,
+                                           fuse_everything):
+    torch.manual_seed(0)
+    net = Unet(inshape, infeats, features, **kwargs).double()
+    x = torch.rand(2, infeats, *inshape, generator=torch.Generator().manual_seed(1),
+                   dtype=torch.float64)
+    expected = _outputs_and_grads(lambda t: _reference_unet(net, t), net, [x])
+    out = _outputs_and_grads(net, net, [x])
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(out[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(fuse_everything) == n_fused
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_unet_matches_reference_in_float32(fuse, fuse_everything, monkeypatch):
+    """The float32 CPU path (oneDNN, channels-last), fused or not, against the reference."""
+    if not fuse:
+        monkeypatch.setattr(networks, "_FUSE_MIN_VOXELS", 10**9)
+    torch.manual_seed(0)
+    net = Unet((32, 32), 2, [[16] * 5, [16] * 6])
+    x = torch.rand(4, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = _outputs_and_grads(lambda t: _reference_unet(net, t), net, [x])
+    out = _outputs_and_grads(net, net, [x])
+    scale = expected[0].detach().abs().max()
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-4, atol=1e-5 * float(scale))
+    for a, b in zip(out[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert (len(fuse_everything) == 5) == fuse
+
+
+def test_unet_keeps_channels_last_on_cpu():
+    """Every conv block sees channels-last activations, also after a 1x1 bottleneck (which
+    reads as either layout)."""
+    net = Unet((32, 32), 2, [[8] * 5, [8] * 6])
+    seen = []
+    for module in net.modules():
+        if isinstance(module, networks.ConvBlock):
+            module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    net(torch.rand(2, 2, 32, 32))
+    assert len(seen) == 11  # batch 2 of 32x32 is below the size for the fused decoder step
+    for x in seen:
+        if x.shape[2:].numel() > 1:
+            assert x.is_contiguous(memory_format=torch.channels_last), tuple(x.shape)
+
+
+def _load_shipped(name: str) -> torch.nn.Module:
+    config = json.loads(read_checkpoint(name)[0]["config"])
+    if config["class"] in networks._MODELS:
+        return load_model(name, device="cpu")
+    from voxreg.template import load_template_model  # template models hold a VxmDense
+
+    return load_template_model(name, device="cpu")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_shipped_models_unet_matches_reference(name, fuse_everything):
+    """The shipped weights load (state_dict names unchanged) and give the reference UNet's
+    features."""
+    unets = [m for m in _load_shipped(name).modules() if isinstance(m, Unet)]
+    assert unets
+    for net in unets:
+        spatial = (32, 32) if len(net.inshape) == 2 else (16, 16, 16)
+        x = torch.rand(2, net.infeats, *spatial, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = _reference_unet(net, x)
+            out = net(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))
+    assert fuse_everything
 
 
 # ------------------------------------------------------------------------------------------
