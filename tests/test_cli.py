@@ -245,3 +245,35 @@ def test_entry_point_error_has_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_register_affine_then_model_writes_one_composed_warp(files, tmp_path):
+    moved, warp_file, transform = tmp_path / "m.nii.gz", tmp_path / "w.nii.gz", tmp_path / "t.txt"
+    result = run("register", files["img1"], files["img0"], "--model", files["model"], "--affine",
+                 "--moved", moved, "--warp", warp_file, "--transform", transform, "--no-progress")
+    assert_ok(result)
+    assert "affine:" in result.output and transform.read_text().startswith("#Insight")
+    # the composed warp applied by 'voxreg warp' reproduces the moved image
+    again = tmp_path / "again.nii.gz"
+    assert_ok(run("warp", files["img1"], "--warp", warp_file, "--out", again,
+                  "--normalize", "minmax"))
+    np.testing.assert_allclose(io.load_image(again).data, io.load_image(moved).data, atol=1e-4)
+    # a moving image on another grid (same world content, origin moved by 3 voxels) needs no
+    # --resample: the affine step starts from the headers
+    image = io.load_image(files["img1"]).data
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 6.0
+    other = io.save_image(tmp_path / "other.nii.gz", np.roll(image, -3, axis=0), shifted)
+    out = tmp_path / "m2.nii.gz"
+    assert_ok(run("register", other, files["img0"], "--model", files["model"], "--affine",
+                  "--moved", out, "--no-progress"))
+    written = io.load_image(out)
+    assert written.shape == SHAPE and np.allclose(written.affine, AFFINE)
+
+
+def test_register_affine_errors(files, tmp_path):
+    base = ("register", files["img1"], files["img0"], "--model", files["model"],
+            "--moved", tmp_path / "m.nii.gz")
+    assert_user_error(run(*base, "--transform", tmp_path / "t.txt"), "--transform needs --affine")
+    assert_user_error(run(*base, "--affine", "--inverse-warp", tmp_path / "i.nii.gz"),
+                      "not available with --affine")

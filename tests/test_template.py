@@ -393,6 +393,9 @@ def test_shipped_template2d():
     assert path.stat().st_size < 2e6
     model = load_template_model("template2d")
     assert isinstance(model, TemplateCreation) and model.inshape == (96, 112)
+    import voxreg
+
+    assert isinstance(voxreg.load_model("template2d"), TemplateCreation)  # by name, too
     assert "IXI" in model.metadata["data"] and "CC BY-SA 3.0" in model.metadata["data"]
     template = model.template_image()
     try:

@@ -191,6 +191,24 @@ def _prepare_pair(moving_path, fixed_path, resample: bool, normalize: str, model
 # --------------------------------------------------------------------------------------------
 
 
+def _affine_step(moving_path, fixed_path, normalize: str, model_ndim: int, loss: str):
+    """``register --affine``: ``(moved_affine, fixed, base, result)``, the first three normalised
+    on the fixed grid (``base``: the moving image resampled through the headers only, which the
+    composed field pulls back)."""
+    from voxreg import io
+    from voxreg.affine import affine_prealign
+
+    fixed = io.load_image(fixed_path)
+    moving = io.load_image(moving_path)
+    _fit_rank(moving, model_ndim, "moving image")
+    _fit_rank(fixed, model_ndim, "fixed image")
+    result, moved_affine = affine_prealign(moving, fixed, loss=loss)
+    base = moving if io.same_grid(moving, fixed) else io.resample_to(moving, fixed, "linear")
+    for image in (moved_affine, fixed, base):
+        image.data = io.normalize(image.data, normalize)
+    return moved_affine, fixed, base, result
+
+
 @cli.command()
 @click.argument("moving", type=click.Path())
 @click.argument("fixed", type=click.Path())
@@ -237,13 +255,23 @@ def _prepare_pair(moving_path, fixed_path, resample: bool, normalize: str, model
               help="progress bar while finetuning")
 @click.option("--resample", is_flag=True,
               help="resample the moving image onto the fixed grid (via the affines) if the grids differ")
+@click.option("--affine", "affine_first", is_flag=True,
+              help="affine registration first (voxreg.affine, the images' headers give the start, "
+              "so the grids may differ), then the model on the affinely moved image; --moved and "
+              "--warp hold the composition of both (one field on the fixed grid, pulling back the "
+              "moving image resampled onto the fixed grid through the headers: apply it with "
+              "'voxreg warp IMAGE --resample')")
+@click.option("--affine-loss", type=click.Choice(["mi", "ncc", "mse"]), default="mi",
+              show_default=True, help="similarity of the affine step")
+@click.option("--transform", "transform_out", type=click.Path(),
+              help="with --affine: also write the affine as an ITK/ANTs text transform (.txt/.tfm)")
 @click.option("--normalize", type=_NORMALIZE, default=None,
               help=NORMALIZE_HELP + ". Default: what the model was trained with if it says, else "
               "'percentile'")
 @click.option("--device", type=_DEVICE, default="auto", show_default=True)
 def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_fixed_out,
              warp_units, warp_format, finetune_steps, finetune_lr, finetune_lambda, image_loss,
-             progress, resample, normalize, device):
+             progress, resample, affine_first, affine_loss, transform_out, normalize, device):
     """Register MOVING to FIXED with a trained model.
 
     Writes the moved image (and with --warp the displacement) on the fixed grid with the fixed
@@ -264,9 +292,16 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
     named = [("--moved", moved_out), ("--warp", warp_out), ("--inverse-warp", inverse_out),
-             ("--moved-fixed", moved_fixed_out)]
+             ("--moved-fixed", moved_fixed_out), ("--transform", transform_out)]
     named = [(option, value) for option, value in named if value is not None]
-    checked = {option: io.check_output_path(value, inputs) for option, value in named}
+    if transform_out is not None and not affine_first:
+        raise ValueError("--transform needs --affine (it is the affine step's transform)")
+    if affine_first and (inverse_out is not None or moved_fixed_out is not None):
+        raise ValueError("--inverse-warp and --moved-fixed are not available with --affine yet")
+    if transform_out is not None and not str(transform_out).lower().endswith((".txt", ".tfm")):
+        raise ValueError(f"--transform must be a .txt or .tfm file (ITK text), got {transform_out!r}")
+    checked = {option: (io.check_output_file if option == "--transform" else
+                        io.check_output_path)(value, inputs) for option, value in named}
     for k, (option, _) in enumerate(named):
         for other, _ in named[:k]:
             if checked[option].resolve() == checked[other].resolve():
@@ -278,7 +313,12 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
     dev = _device(device)
     model = _load_model(model_name, dev)
     ndim = model_ndim(model)
-    mov, fix = _prepare_pair(moving, fixed, resample, _model_normalize(model, normalize), ndim)
+    norm = _model_normalize(model, normalize)
+    affine_result = None
+    if affine_first:
+        mov, fix, base, affine_result = _affine_step(moving, fixed, norm, ndim, affine_loss)
+    else:
+        mov, fix = _prepare_pair(moving, fixed, resample, norm, ndim)
     want_inverse = inverse_out is not None
     want_moved_fixed = moved_fixed_out is not None
     with warnings.catch_warnings(record=True) as caught:
@@ -294,6 +334,20 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
     for warning in caught:
         click.echo(f"warning: {_one_line_text(warning.message)}", err=True)
     moved, disp, seconds = result
+    if affine_result is not None:
+        import torch
+
+        from voxreg.transforms import compose, warp
+
+        deformable = torch.as_tensor(disp, dtype=torch.float32).cpu()
+        deformable = deformable.reshape(1, ndim, *deformable.shape[-ndim:])
+        disp = compose(affine_result.disp(), deformable)
+        base_t = torch.as_tensor(base.data, dtype=torch.float32)
+        base_t = base_t.reshape(1, -1, *base_t.shape[-ndim:])
+        moved = warp(base_t, disp).numpy().reshape(tuple(moved.shape))
+        seconds += affine_result.seconds
+        if transform_out is not None:
+            affine_result.save_itk(transform_out)
     if warp_out is not None:
         io.save_warp(warp_out, disp, fix.affine, convention=warp_format, units=warp_units)
     if inverse_out is not None:
@@ -304,6 +358,9 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
                       channels=fix.channels)
     io.save_image(moved_out, moved, affine=fix.affine, header=fix.header, channels=mov.channels)
     click.echo(f"moved image: {moved_out}")
+    if affine_result is not None:
+        click.echo(f"affine: {affine_result.seconds:.3f} s ({affine_loss})"
+                   + (f", transform {transform_out}" if transform_out else ""))
     units = "ANTs LPS mm" if warp_format == "ants" else warp_units
     if warp_out is not None:
         click.echo(f"warp: {warp_out} ({units})")
@@ -865,7 +922,8 @@ def train(images, list_file, pattern, atlas, out_dir, enc, dec, int_steps, int_d
 @click.option("--levels", default=None,
               help="pyramid shrink factors, coarse to fine (default 4,2,1)")
 @click.option("--iterations", default=None,
-              help="most optimiser steps per level, one number or one per level (default 200,100,50)")
+              help="most optimiser iterations per level, one number or one per level (default "
+              "200 Adam steps on the first level, then 30 and 20 L-BFGS iterations)")
 @click.option("--init", type=click.Choice(["com", "center", "header"]), default="com",
               show_default=True,
               help="start: the headers' alignment plus matched centres of mass (com) or grid "

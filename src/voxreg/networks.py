@@ -632,6 +632,11 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"config must be a dict with a 'class' key, got {config!r}")
     args = dict(config)
     name = args.pop("class")
+    if name in ("TemplateCreation", "ConditionalTemplate"):
+        from voxreg.template import build_template_model  # imports this module: load lazily
+
+        return build_template_model(config)
     if name not in _MODELS:
-        raise ValueError(f"config names an unknown model class {name!r}; known: {sorted(_MODELS)}")
+        known = sorted([*_MODELS, "TemplateCreation", "ConditionalTemplate"])
+        raise ValueError(f"config names an unknown model class {name!r}; known: {known}")
     return _MODELS[name](**args)
