@@ -88,6 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     table = brain3d.summary_table(result)
     print(table)
     print(f"seconds/pair {result['seconds_per_pair']:.2f}, max |disp| {result['max_disp']:.2f} vx")
+    if "inverse_residual" in result:
+        print(f"forward o inverse residual: {result['inverse_residual']:.4f} voxels (mean)")
     out = Path(args.run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
@@ -119,6 +121,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "dice_after": round(result["dice_after"], 4),
             "folding_pct": round(result["folding_pct"], 4),
             "seconds_per_pair_cpu": round(result["seconds_per_pair"], 3),
+            **({"inverse_residual_vox": round(result["inverse_residual"], 4)}
+               if "inverse_residual" in result else {}),
             "input": "images in [0, 1] (uint8 / 255, or --normalize minmax)",
             "normalize": "minmax",
             "note": (f"trained {steps} steps on 2 CPU cores with examples/brain3d.py "

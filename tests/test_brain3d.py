@@ -79,6 +79,9 @@ def test_diffeomorphic_bidirectional_run_starts_from_the_plain_model(tmp_path):
         torch.testing.assert_close(fresh.state_dict()[name], value)
     with pytest.raises(ValueError, match="no weight"):
         brain3d.warm_start(fresh, torch.nn.Linear(2, 2))
+    segs = np.random.default_rng(2).integers(0, 4, (3, 16, 16, 16)).astype(np.uint8)
+    r = brain3d.evaluate_brain3d(diff, 2, images=images, labels=segs)
+    assert len(r["inverse_residual_per_pair"]) == 2 and 0 <= r["inverse_residual"] < 0.5
 
 
 def test_pair_dice_matches_metrics_and_evaluate_reports_all_numbers():

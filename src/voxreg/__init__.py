@@ -2,7 +2,8 @@
 
 from voxreg import _runtime, data, layers, losses, networks, transforms
 from voxreg.checkpoint import list_models, load_checkpoint, load_model, save_model
-from voxreg.registration import register
+from voxreg.affine import register_affine
+from voxreg.registration import finetune, register
 from voxreg.training import Trainer, train
 from voxreg.transforms import (
     affine_to_disp,
@@ -25,6 +26,7 @@ _runtime._apply_default()
 __all__ = [
     "Trainer",
     "data",
+    "finetune",
     "list_models",
     "load_checkpoint",
     "load_model",
@@ -32,6 +34,7 @@ __all__ = [
     "networks",
     "plot",
     "register",
+    "register_affine",
     "save_model",
     "train",
     "affine_to_disp",

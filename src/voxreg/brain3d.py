@@ -343,7 +343,10 @@ def evaluate_brain3d(
         i.e. affine only, as the volumes come affinely aligned; the moving labels are warped
         with nearest-neighbour interpolation), their per-pair lists, ``folding_pct`` (mean % of
         voxels with Jacobian determinant <= 0) and per pair, ``seconds_per_pair`` (the forward
-        pass on batch 1, mean over pairs after one warm-up), ``max_disp`` (voxels).
+        pass on batch 1, mean over pairs after one warm-up), ``max_disp`` (voxels); for a
+        diffeomorphic model (``int_steps > 0``) also ``inverse_residual`` (mean over pairs of
+        the mean norm, in voxels, of ``compose(disp, inverse)`` with the inverse
+        ``exp(-velocity)``, :func:`voxreg.register` with ``inverse=True``) and per pair.
     """
     if images is None or labels is None:
         val = load_ixi("val", data)
@@ -358,6 +361,8 @@ def evaluate_brain3d(
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     register_pair(model, images[pairs[0, 0]], images[pairs[0, 1]])  # warm-up
     before, after, folding, seconds, max_disp = [], [], [], [], 0.0
+    diffeomorphic = int(getattr(model, "int_steps", 0) or 0) > 0
+    residuals: list[float] = []
     for i, j in pairs:
         _, disp, sec = register_pair(model, images[i], images[j])
         seg = torch.as_tensor(labels[i].astype(np.int64))[None, None]
@@ -367,7 +372,14 @@ def evaluate_brain3d(
         folding.append(float(T.folding_fraction(disp).reshape(-1)[0]) * 100)
         seconds.append(sec)
         max_disp = max(max_disp, float(disp.abs().max()))
-    return {
+        if diffeomorphic:
+            residuals.append(registration.register(model, images[i], images[j],
+                                                   inverse=True).inverse_residual)
+    extra = {}
+    if diffeomorphic:
+        extra = {"inverse_residual": float(np.mean(residuals)),
+                 "inverse_residual_per_pair": residuals}
+    return {**extra,
         "pairs": pairs.tolist(),
         "dice_before": float(np.nanmean(before)),
         "dice_after": float(np.nanmean(after)),
