@@ -1,8 +1,8 @@
 """voxreg: learning-based deformable image registration (VoxelMorph and beyond) in PyTorch."""
 
 from voxreg import _runtime, data, layers, losses, networks, transforms
-from voxreg.checkpoint import list_models, load_checkpoint, load_model, save_model
 from voxreg.affine import register_affine
+from voxreg.checkpoint import list_models, load_checkpoint, load_model, save_model
 from voxreg.registration import finetune, register
 from voxreg.training import Trainer, train
 from voxreg.transforms import (
