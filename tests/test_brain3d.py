@@ -138,3 +138,27 @@ def test_shipped_model_raises_dice_without_folding():
     r = brain3d.evaluate_brain3d(model, local, images=val["images"], labels=val["labels"])
     assert r["dice_after"] > r["dice_before"] + margin
     assert r["folding_pct"] < 1.0
+
+
+SHIPPED_DIFF = MODELS_DIR / "brain3d-diff.safetensors"
+
+
+@needs_ixi
+@pytest.mark.skipif(not SHIPPED_DIFF.is_file(), reason="no shipped brain3d-diff model")
+def test_shipped_diffeomorphic_model_does_not_fold_and_inverts():
+    model = voxreg.load_model("brain3d-diff", device="cpu")
+    meta = model.metadata
+    assert model.config["int_steps"] == 7 and model.config["bidir"]
+    assert "IXI" in meta["data"] and SHIPPED_DIFF.stat().st_size < 2e6
+    margin = (meta["dice_after"] - meta["dice_before_affine"]) / 2
+    ids = brain3d.subject_ids("val")
+    pairs = brain3d.val_pairs(len(ids), 2, seed=0)
+    used = sorted(set(pairs.ravel().tolist()))
+    val = brain3d.load_ixi("val", ids=[ids[k] for k in used])
+    index = {k: n for n, k in enumerate(used)}
+    local = np.array([[index[i], index[j]] for i, j in pairs])
+    torch.set_num_threads(2)
+    r = brain3d.evaluate_brain3d(model, local, images=val["images"], labels=val["labels"])
+    assert r["dice_after"] > r["dice_before"] + margin
+    assert r["folding_pct"] < 0.01  # % of voxels: the bound for a diffeomorphic model
+    assert r["inverse_residual"] < 0.1  # voxels, mean of |disp o inverse|
