@@ -43,3 +43,26 @@ def test_warp_annotations_without_mnist_uses_a_generated_digit(tmp_path, monkeyp
     numbers = example.main(["--out", str(tmp_path), "--seed", "1"])
     assert numbers["source"] == "generated"
     assert (tmp_path / "warp_annotations.png").stat().st_size > 5000
+
+
+def test_multicontrast_pairs_invert_the_moving_slice_only():
+    import numpy as np
+    import torch
+
+    from voxreg.data import ScanToScanDataset
+
+    module = load_example("multicontrast2d")
+    slices = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    slices[:, :2] = 0  # background
+    pairs = module.InvertedMoving(ScanToScanDataset(slices, seed=0), p=0.5, seed=1)
+    plain = ScanToScanDataset(slices, seed=0)
+    flipped = 0
+    for k in range(len(pairs)):
+        a, b = pairs[k], plain[k]
+        torch.testing.assert_close(a["fixed"], b["fixed"])
+        if not torch.equal(a["moving"], b["moving"]):
+            flipped += 1
+            torch.testing.assert_close(a["moving"], torch.where(b["moving"] > 0, 1 - b["moving"],
+                                                                torch.zeros_like(b["moving"])))
+        assert torch.equal(pairs[k]["moving"], a["moving"])  # the same pair every time
+    assert 0 < flipped < len(pairs)
