@@ -7,11 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_user_error, run
 from scipy import ndimage
 
 from voxreg import affine, io
-from voxreg.cli import cli
 from voxreg.transforms import affine_to_disp, compose, warp
 
 
@@ -449,18 +448,6 @@ def files(tmp_path_factory):
     return out
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_affine(files, tmp_path):

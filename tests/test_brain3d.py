@@ -26,6 +26,19 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = [[4, 4, 4, 4], [4, 4, 4, 4, 4, 4, 4]]
 
 
+def _evaluate_val_pairs(model, count):
+    """:func:`brain3d.evaluate_brain3d` on the first ``count`` validation pairs, loading only
+    the volumes they use."""
+    ids = brain3d.subject_ids("val")
+    pairs = brain3d.val_pairs(len(ids), count, seed=0)
+    used = sorted(set(pairs.ravel().tolist()))
+    val = brain3d.load_ixi("val", ids=[ids[k] for k in used])
+    index = {k: n for n, k in enumerate(used)}
+    local = np.array([[index[i], index[j]] for i, j in pairs])
+    torch.set_num_threads(2)
+    return brain3d.evaluate_brain3d(model, local, images=val["images"], labels=val["labels"])
+
+
 def _tiny_images(n=3, shape=(16, 16, 16), seed=0):
     rng = np.random.default_rng(seed)
     return rng.random((n, *shape), dtype=np.float32)
@@ -128,14 +141,7 @@ def test_shipped_model_raises_dice_without_folding():
     assert meta["dice_after"] > meta["dice_before_affine"]
     assert SHIPPED.stat().st_size < 2e6
     margin = (meta["dice_after"] - meta["dice_before_affine"]) / 2
-    ids = brain3d.subject_ids("val")
-    pairs = brain3d.val_pairs(len(ids), 3, seed=0)
-    used = sorted(set(pairs.ravel().tolist()))
-    val = brain3d.load_ixi("val", ids=[ids[k] for k in used])
-    index = {k: n for n, k in enumerate(used)}
-    local = np.array([[index[i], index[j]] for i, j in pairs])
-    torch.set_num_threads(2)
-    r = brain3d.evaluate_brain3d(model, local, images=val["images"], labels=val["labels"])
+    r = _evaluate_val_pairs(model, 3)
     assert r["dice_after"] > r["dice_before"] + margin
     assert r["folding_pct"] < 1.0
 
@@ -151,14 +157,7 @@ def test_shipped_diffeomorphic_model_does_not_fold_and_inverts():
     assert model.config["int_steps"] == 7 and model.config["bidir"]
     assert "IXI" in meta["data"] and SHIPPED_DIFF.stat().st_size < 2e6
     margin = (meta["dice_after"] - meta["dice_before_affine"]) / 2
-    ids = brain3d.subject_ids("val")
-    pairs = brain3d.val_pairs(len(ids), 2, seed=0)
-    used = sorted(set(pairs.ravel().tolist()))
-    val = brain3d.load_ixi("val", ids=[ids[k] for k in used])
-    index = {k: n for n, k in enumerate(used)}
-    local = np.array([[index[i], index[j]] for i, j in pairs])
-    torch.set_num_threads(2)
-    r = brain3d.evaluate_brain3d(model, local, images=val["images"], labels=val["labels"])
+    r = _evaluate_val_pairs(model, 2)
     assert r["dice_after"] > r["dice_before"] + margin
     assert r["folding_pct"] < 0.01  # % of voxels: the issue's bound for a diffeomorphic model
     assert r["inverse_residual"] < 0.1  # voxels, mean of |disp o inverse|

@@ -9,11 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_ok, assert_user_error, run
 
 import voxreg
 from voxreg import io
-from voxreg.cli import cli
 
 SHAPE = (16, 16, 16)
 AFFINE = np.array([[2.0, 0, 0, -16], [0, 2.0, 0, -16], [0, 0, 2.0, -16], [0, 0, 0, 1]])
@@ -46,23 +45,7 @@ def files(tmp_path_factory):
     return out
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
 
-
-def assert_ok(result):
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_help_lists_commands():

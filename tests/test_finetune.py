@@ -7,11 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_ok, assert_user_error, run
 
 import voxreg
 from voxreg import io, losses, transforms
-from voxreg.cli import cli
 from voxreg.networks import VxmDense
 from voxreg.registration import (
     DEFAULT_FINETUNE_STEPS,
@@ -266,21 +265,7 @@ def files(tmp_path_factory):
     return out
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
-
-def assert_ok(result):
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_inverse_warp_and_moved_fixed(files, tmp_path):

@@ -8,12 +8,11 @@ import csv
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_ok, assert_user_error, run
 from scipy import ndimage
 
 from voxreg import io
 from voxreg import transforms as T
-from voxreg.cli import cli
 from voxreg.template import (
     ConditionalTemplate,
     TemplateCreation,
@@ -274,22 +273,7 @@ TINY = ["--enc", "4,4", "--dec", "4,4,4", "--int-steps", "3", "--steps-per-epoch
         "--batch-size", "2", "--device", "cpu", "--no-progress"]
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
-
-def assert_ok(result):
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture
