@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_ok, assert_user_error, run
+from fields import smooth_random_field as _smooth_field
 
 import voxreg
 from voxreg import io, losses, transforms
@@ -25,13 +26,6 @@ FEATURES = [[4, 4], [4, 4, 4]]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _smooth_field(shape, amplitude, seed=0, coarse=4):
-    gen = torch.Generator().manual_seed(seed)
-    knots = torch.randn(1, len(shape), *([coarse] * len(shape)), generator=gen)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    field = torch.nn.functional.interpolate(knots, size=shape, mode=mode, align_corners=True)
-    return field * (amplitude / field.abs().max())
 
 
 def _pair(shape, amplitude=2.0, seed=0):

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fields import smooth_random_field as _smooth_field
 
 from voxreg import transforms
 from voxreg.networks import VxmDense
@@ -118,14 +119,6 @@ def test_bad_inputs_raise_value_errors(model):
 # inverse and bidirectional outputs
 # --------------------------------------------------------------------------------------------
 
-
-def _smooth_field(shape, amplitude, seed=0, coarse=4):
-    """A smooth random field ``(1, ndim, *shape)`` with largest component ``amplitude``."""
-    gen = torch.Generator().manual_seed(seed)
-    knots = torch.randn(1, len(shape), *([coarse] * len(shape)), generator=gen)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    field = torch.nn.functional.interpolate(knots, size=shape, mode=mode, align_corners=True)
-    return field * (amplitude / field.abs().max())
 
 
 class FieldModel(torch.nn.Module):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -969,27 +968,12 @@ class TemplateTrainer:
             print(line, flush=True)
 
     def _resume(self) -> None:
-        path = (Path(self.resume) if isinstance(self.resume, (str, os.PathLike))
-                else self.out_dir / CHECKPOINT_NAME)
-        if not path.is_file():
-            if isinstance(self.resume, (str, os.PathLike)):
-                raise FileNotFoundError(f"resume: no checkpoint at {path}")
-            self._log(f"resume: no checkpoint in {self.out_dir}; starting from scratch")
-            return
-        ckpt = load_checkpoint(path, device=self.device, model=self.model)
-        if ckpt.optimizer_state is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.step = int(ckpt.step or 0)
-        self.epoch = int(ckpt.epoch or 0)
-        self.history = list(ckpt.history or [])
-        old = (ckpt.metadata or {}).get("training", {})
-        now = self._settings()
-        changed = [k for k in ("batch_size", "steps_per_epoch", "seed", "lr", "lambda",
-                               "mean_weight", "images") if k in old and old[k] != now[k]]
-        if changed:
-            warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint's: "
-                          "the run will not match an uninterrupted one", stacklevel=3)
-        self._log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+        from voxreg.training import _restore
+
+        path = _restore(self, ("batch_size", "steps_per_epoch", "seed", "lr", "lambda",
+                               "mean_weight", "images"))
+        if path is not None:
+            self._log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
     def _checkpoint(self, final: bool) -> None:
         from voxreg.training import _plot_history

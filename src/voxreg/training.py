@@ -298,6 +298,37 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 11]).integers(2**62))
 
 
+
+def _restore(run: Any, watched: Sequence[str]) -> Path | None:
+    """Load a run's checkpoint into it (model, optimizer, ``step``, ``epoch``, ``history``).
+
+    ``run`` is a :class:`Trainer` or any trainer with the same ``resume``, ``out_dir``,
+    ``device``, ``model``, ``optimizer``, ``_settings()`` and ``_log()``. Returns the checkpoint
+    path, or ``None`` when ``resume=True`` finds none (a fresh start); an explicit path that does
+    not exist raises. Warns when a ``watched`` training setting differs from the checkpoint's.
+    """
+    explicit = isinstance(run.resume, (str, os.PathLike))
+    path = Path(run.resume) if explicit else run.out_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        if explicit:
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        run._log(f"resume: no checkpoint in {run.out_dir}; starting from scratch")
+        return None
+    ckpt = load_checkpoint(path, device=run.device, model=run.model)
+    if ckpt.optimizer_state is not None:
+        run.optimizer.load_state_dict(ckpt.optimizer_state)
+    run.step = int(ckpt.step or 0)
+    run.epoch = int(ckpt.epoch or 0)
+    run.history = list(ckpt.history or [])
+    old = (ckpt.metadata or {}).get("training", {})
+    now = run._settings()
+    changed = [k for k in watched if k in old and old[k] != now[k]]
+    if changed:
+        warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint's: "
+                      "the run will not match an uninterrupted one", stacklevel=4)
+    return path
+
+
 class Trainer:
     """Fit a registration model; see the module doc and :func:`train` for the arguments.
 
@@ -541,26 +572,9 @@ class Trainer:
         return settings
 
     def _resume(self) -> None:
-        path = (Path(self.resume) if isinstance(self.resume, (str, os.PathLike))
-                else self.out_dir / CHECKPOINT_NAME)
-        if not path.is_file():
-            if isinstance(self.resume, (str, os.PathLike)):
-                raise FileNotFoundError(f"resume: no checkpoint at {path}")
-            self._log(f"resume: no checkpoint in {self.out_dir}; starting from scratch")
+        path = _restore(self, ("batch_size", "steps_per_epoch", "seed", "lr"))
+        if path is None:
             return
-        ckpt = load_checkpoint(path, device=self.device, model=self.model)
-        if ckpt.optimizer_state is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.step = int(ckpt.step or 0)
-        self.epoch = int(ckpt.epoch or 0)
-        self.history = list(ckpt.history or [])
-        old = (ckpt.metadata or {}).get("training", {})
-        now = self._settings()
-        changed = [k for k in ("batch_size", "steps_per_epoch", "seed", "lr")
-                   if k in old and old[k] != now[k]]
-        if changed:
-            warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint's: "
-                          "the run will not match an uninterrupted one", stacklevel=3)
         if not self.batches.rewindable and self.epoch:
             warnings.warn("resuming from a generator: the batches cannot be replayed, so the run "
                           "will differ from an uninterrupted one (use a Dataset for exact resume)",
