@@ -28,11 +28,7 @@ import torch
 import voxreg
 from voxreg import brain2d
 from voxreg.data import ScanToScanDataset
-
-
-def inverted(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``1 - image`` inside the brain (non-zero labels), 0 outside."""
-    return np.where(labels > 0, 1.0 - images, 0.0).astype(np.float32)
+from voxreg.data.synthesis import invert_contrast
 
 
 class InvertedMoving(torch.utils.data.Dataset):
@@ -64,7 +60,7 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
     """Mean Dice of ``pairs`` with the moving slice as it is and inverted."""
     same = brain2d.evaluate_brain2d(model, images, labels, pairs, timing=False)
     n = len(images)
-    both = np.concatenate([images, inverted(images, labels)])
+    both = np.concatenate([images, invert_contrast(images, labels)])
     inv_pairs = np.stack([pairs[:, 0] + n, pairs[:, 1]], axis=1)
     inv = brain2d.evaluate_brain2d(model, both, np.concatenate([labels, labels]), inv_pairs,
                                    timing=False)

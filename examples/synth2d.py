@@ -49,13 +49,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
 
 import voxreg
 from voxreg import brain2d
-from voxreg import transforms as T
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
-from voxreg.data.synthesis import ImageSynthesis, LabelSynthesis, SynthPairDataset
+from voxreg.data.synthesis import (
+    ImageSynthesis,
+    LabelSynthesis,
+    SynthPairDataset,
+    invert_contrast,
+    synthetic_dice,
+)
 from voxreg.networks import VxmDense
 from voxreg.training import CHECKPOINT_NAME, train
 
@@ -82,19 +86,6 @@ def make_model(int_steps: int = 7, flow_init_std: float | None = None) -> VxmDen
         with torch.no_grad():
             model.flow.weight.normal_(0.0, flow_init_std)
     return model
-
-
-def synthetic_dice(model: torch.nn.Module, dataset: SynthPairDataset) -> tuple[float, float]:
-    """Mean Dice (labels present in both maps) before and after registering every pair of
-    ``dataset``."""
-    batch = default_collate([dataset[i] for i in range(len(dataset))])
-    with torch.no_grad():
-        _, disp = model(batch["moving"], batch["fixed"], registration=True)
-    moved = T.warp(batch["moving_seg"], disp, interp="nearest")
-    fixed = batch["fixed_seg"][:, 0].numpy()
-    before = [brain2d.pair_dice(f, m) for f, m in zip(fixed, batch["moving_seg"][:, 0].numpy())]
-    after = [brain2d.pair_dice(f, m) for f, m in zip(fixed, moved[:, 0].numpy())]
-    return float(np.mean(before)), float(np.mean(after))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,18 +147,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def inverted(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``1 - image`` inside the brain (non-zero labels), 0 outside: a T1 with inverted contrast."""
-    return np.where(labels > 0, 1.0 - images, 0.0).astype(np.float32)
-
-
 def evaluate(model: torch.nn.Module, data: dict[str, np.ndarray], pairs: np.ndarray,
              timing: bool = True) -> dict[str, Any]:
     """Dice of ``model`` on same-contrast pairs and with the moving slice inverted."""
     images, labels = data["val_images"], data["val_labels"]
     same = brain2d.evaluate_brain2d(model, images, labels, pairs, timing=timing)
     n = len(images)
-    both = np.concatenate([images, inverted(images, labels)])
+    both = np.concatenate([images, invert_contrast(images, labels)])
     both_labels = np.concatenate([labels, labels])
     inv_pairs = np.stack([pairs[:, 0] + n, pairs[:, 1]], axis=1)
     inv = brain2d.evaluate_brain2d(model, both, both_labels, inv_pairs, timing=False)

@@ -152,7 +152,9 @@ def cmd_train3d(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
         lambda_=args.lambda_, mean_weight=args.mean_weight, device="cpu", seed=args.seed,
         snapshot_every=args.snapshot_every, affine=affine, time_budget=args.time_budget,
-        progress=False, metadata={"data": brain3d.DATA_CREDIT, "normalize": "minmax"})
+        init_registration=args.init_from, progress=False,
+        metadata={"data": brain3d.DATA_CREDIT, "normalize": "minmax",
+                  "init_registration": args.init_from})
     last = history[-1]
     print(f"[{now()}] done: epoch {last['epoch']}, step {last['step']}, loss {last['loss']:.5g}, "
           f"{time.perf_counter() - tic:.0f} s this call", flush=True)
@@ -407,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int, default=0)
         if three:
             t.add_argument("--int-downsize", type=int, default=2)
+            t.add_argument("--init-from", default=None,
+                           help="a fresh run's registration network starts from this model's "
+                                "weights (e.g. brain3d-diff)")
         else:
             t.add_argument("--conditional", action="store_true", help="condition on age")
     for name in ("evaluate2d", "evaluate3d"):

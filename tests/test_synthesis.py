@@ -267,6 +267,19 @@ def test_synthmorph_training_registers_held_out_synthetic_pairs(one_thread):
     assert history[-1]["seg_loss"] < history[0]["seg_loss"]
 
 
+def test_synthetic_dice_before_and_after(one_thread):
+    opts = S.LabelSynthesis(num_labels=4, label_spacing=8, warp_std=3.0, warp_spacing=10)
+    pairs = S.SynthPairDataset(SHAPE, pairs_per_epoch=5, seed=3, label_options=opts)
+    expected = np.mean([metrics.mean_dice_present(pairs[i]["fixed_seg"][0].numpy(),
+                                                  pairs[i]["moving_seg"][0].numpy())
+                        for i in range(len(pairs))])
+    model = _tiny_model().eval()  # an untrained model: a field of about 1e-5 voxels
+    before, after = S.synthetic_dice(model, pairs, batch_size=2)
+    assert before == pytest.approx(expected) and after == pytest.approx(expected, abs=1e-3)
+    assert before < 0.95  # the pairs are apart: the check above is not trivial
+
+
+
 def test_weight_zero_image_term_is_skipped_and_needs_labels():
     data = S.SynthPairDataset(SHAPE, pairs_per_epoch=4, seed=0, label_options={"num_labels": 3})
     calls = []

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from voxreg import io
 from voxreg import transforms as T
+from voxreg.networks import VxmDense
 from voxreg.template import (
     ConditionalTemplate,
     TemplateCreation,
@@ -187,6 +188,25 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     torch.testing.assert_close(loaded.template, full.template.detach())
     with pytest.raises(ValueError, match="shape"):
         train_template(_discs(4, 0)[:, :16, :16], epochs=1, out_dir=run, resume=True, **common)
+
+
+def test_registration_warm_start(one_thread):
+    images = _discs(4, 2)
+    common = dict(nb_features=[[4, 8], [8, 8, 4]], int_steps=3, epochs=1, steps_per_epoch=1,
+                  batch_size=2, lr=1e-7, device="cpu", progress=False, verbose=False)
+    torch.manual_seed(123)
+    source = VxmDense(images.shape[1:], nb_features=[[4, 8], [8, 8, 4]], int_steps=3,
+                      bidir=True)
+    warm, _ = train_template(images, init_registration=source, **common)
+    cold, _ = train_template(images, **common)
+    mine, theirs = warm.registration.state_dict(), source.state_dict()
+    for name, value in theirs.items():  # one Adam step of lr 1e-7 away from the source's
+        torch.testing.assert_close(mine[name], value, atol=2e-7, rtol=0)
+    weights = [k for k in theirs if k.endswith("weight")]
+    assert any(not torch.allclose(cold.registration.state_dict()[k], theirs[k], atol=1e-3)
+               for k in weights)
+    with pytest.raises(ValueError, match="no weight"):
+        train_template(images, init_registration=torch.nn.Linear(2, 2), **common)
 
 
 def test_conditional_template_follows_the_attribute(tmp_path, one_thread):

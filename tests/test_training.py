@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,35 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert len(history_b) == 4 and history_b[-1]["step"] == 8
     for row_a, row_b in zip(history, history_b):
         assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-4)
+
+
+def test_time_budget_stops_between_epochs_and_resumes(tmp_path):
+    ds = ScanToScanDataset(_blobs(6), pairs_per_epoch=8, seed=2)
+    kwargs = dict(losses=["mse", "grad"], loss_weights=[1.0, 0.05], batch_size=4, lr=1e-3,
+                  device="cpu", seed=5, progress=False, verbose=False)
+    straight = _model()
+    train(straight, ds, epochs=3, **kwargs)
+
+    def slow_val(model):  # each epoch takes at least 0.4 s
+        time.sleep(0.4)
+        return 0.0
+
+    budgeted = _model()
+    history = train(budgeted, ds, epochs=3, out_dir=tmp_path, time_budget=0.6, val_fn=slow_val,
+                    **kwargs)
+    # after epoch 1 (>= 0.4 s), elapsed + slowest epoch > 0.6 s: no second epoch
+    assert len(history) == 1
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors").epoch == 1
+    final = load_model(tmp_path / "model.safetensors")  # the run ends with its final model
+    assert all(torch.equal(a, b) for a, b in zip(final.parameters(), budgeted.parameters()))
+    resumed = _model(seed=99)
+    history = train(resumed, ds, epochs=3, out_dir=tmp_path, resume=True, **kwargs)
+    assert len(history) == 3
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for bad in (0, -1.0, "10", True):
+        with pytest.raises(ValueError, match="time_budget"):
+            train(_model(), ds, epochs=1, time_budget=bad, **kwargs)
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):

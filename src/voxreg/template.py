@@ -1034,7 +1034,7 @@ class TemplateTrainer:
         """Train up to ``epochs`` epochs; return the history (one dict per epoch)."""
         from tqdm.auto import tqdm
 
-        from voxreg.training import _epoch_seed, _write_history
+        from voxreg.training import _budget_spent, _epoch_seed, _write_history
 
         model = self.model.to(self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
@@ -1047,8 +1047,7 @@ class TemplateTrainer:
         slowest = 0.0
         saved = snapped = False
         for epoch in range(start, self.epochs):
-            if (self.time_budget is not None and epoch > start
-                    and time.perf_counter() - tic_all + slowest > self.time_budget):
+            if _budget_spent(self.time_budget, epoch > start, tic_all, slowest):
                 self._log(f"time budget of {self.time_budget:.0f} s reached after epoch {epoch}")
                 break
             torch.manual_seed(_epoch_seed(self.seed, epoch))
@@ -1142,6 +1141,7 @@ def train_template(
     out_dir: str | os.PathLike | None = None,
     resume: bool | str | os.PathLike = False,
     init_seed: int = 0,
+    init_registration: str | os.PathLike | nn.Module | None = None,
     **kwargs: Any,
 ) -> tuple[_TemplateModel, list[dict[str, Any]]]:
     """Build a template model for ``images`` and train it; return ``(model, history)``.
@@ -1159,6 +1159,9 @@ def train_template(
         decoder_features: decoder channels of a conditional model.
         out_dir, resume: as :class:`TemplateTrainer`.
         init_seed: seeds the initial weights.
+        init_registration: a fresh run's registration network starts from the weights of this
+            model (a shipped name such as ``"brain3d-diff"``, a model file or a module) wherever
+            name and shape match (:func:`voxreg.brain3d.warm_start`); ignored when resuming.
         **kwargs: passed to :class:`TemplateTrainer` (``epochs``, ``steps_per_epoch``,
             ``batch_size``, ``lr``, ``lambda_``, ``mean_weight``, ``snapshot_every``, ``device``...).
     """
@@ -1207,6 +1210,10 @@ def train_template(
                 attribute_scale=scale.tolist(), decoder_features=decoder_features,
                 nb_features=nb_features, int_steps=int_steps, int_downsize=int_downsize,
                 mean_cap=mean_cap)
+        if init_registration is not None:
+            from voxreg.brain3d import warm_start
+
+            warm_start(model.registration, init_registration)
     trainer = TemplateTrainer(model, array, attributes, out_dir=out_dir, resume=resume, **kwargs)
     history = trainer.fit()
     return model, history

