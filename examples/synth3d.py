@@ -53,6 +53,7 @@ from voxreg.data.synthesis import (
     invert_contrast,
     synthetic_dice,
 )
+from voxreg.networks import VxmDense, inflate_weights
 from voxreg.training import CHECKPOINT_NAME, train
 
 DEFAULT_RUN = "runs/synth3d"
@@ -99,9 +100,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.flow_init_std is not None:  # a fresh run only: resuming loads the checkpoint's
         with torch.no_grad():
             model.flow.weight.normal_(0.0, args.flow_init_std)
-    if args.init_from is not None and not (run / CHECKPOINT_NAME).is_file():
-        copied = brain3d.warm_start(model, args.init_from)
-        print(f"warm start: {copied} tensors from {args.init_from}", flush=True)
+    if not (run / CHECKPOINT_NAME).is_file():
+        if args.init_from is not None:
+            copied = brain3d.warm_start(model, args.init_from)
+            print(f"warm start: {copied} tensors from {args.init_from}", flush=True)
+        if args.inflate_from is not None:
+            copied = inflate_weights(model, voxreg.load_model(args.inflate_from))
+            print(f"inflated {copied} tensors of the 2D model {args.inflate_from}", flush=True)
     image_loss = None if args.image_loss == "none" else args.image_loss
     tic = time.perf_counter()
     history = train(
@@ -113,12 +118,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         seg_downsize=args.seg_downsize, time_budget=args.time_budget,
         metadata={"synth": dataset.settings(), "lambda": args.lambda_, "crop": list(crop),
                   "flow_init_std": args.flow_init_std, "image_loss": args.image_loss,
-                  "init_from": args.init_from,
+                  "init_from": args.init_from, "inflate_from": args.inflate_from,
                   "data": "synthetic label maps and images only"},
     )
     last = history[-1]
     print(f"[{_now()}] stopped at epoch {last['epoch']}, step {last['step']}, "
           f"{time.perf_counter() - tic:.0f} s this session", flush=True)
+    return 0
+
+
+def cmd_pretrain2d(args: argparse.Namespace) -> int:
+    """The 2D stage: the same architecture in 2D, trained the same way (Dice on synthetic label
+    maps only) on synthetic slices, whose weights ``train --inflate-from`` inflates to 3D."""
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    shape = (args.size, args.size)
+    print(f"[{_now()}] pretrain2d: run {run}, shape {shape}, lr {args.lr}, lambda "
+          f"{args.lambda_}, batch {args.batch_size}, budget {args.time_budget} s", flush=True)
+    opts = label_options(args)
+    dataset = SynthPairDataset(shape, pairs_per_epoch=args.steps_per_epoch * args.batch_size,
+                               seed=args.seed, label_options=opts)
+    synth_val = SynthPairDataset(shape, pairs_per_epoch=16, seed=SYNTH_VAL_SEED,
+                                 label_options=opts)
+    torch.manual_seed(args.seed)
+    model = VxmDense(shape, nb_features=brain3d.FEATURES, int_steps=args.int_steps,
+                     int_downsize=2)
+    if args.flow_init_std is not None:
+        with torch.no_grad():
+            model.flow.weight.normal_(0.0, args.flow_init_std)
+    history = train(
+        model, dataset, losses=[None, "grad", "dice"], loss_weights=[0.0, args.lambda_, 1.0],
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        lr=args.lr, device="cpu", seed=args.seed, out_dir=run, checkpoint_every=1, resume=True,
+        progress=False, verbose=True, time_budget=args.time_budget,
+        val_fn=lambda m: {"val_synth_dice": synthetic_dice(m, synth_val)[1]},
+        metadata={"synth": dataset.settings(), "lambda": args.lambda_,
+                  "data": "synthetic label maps and images only (2D stage of synth3d)"},
+    )
+    print(f"[{_now()}] stopped at epoch {history[-1]['epoch']}, step {history[-1]['step']}",
+          flush=True)
     return 0
 
 
@@ -230,10 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train or continue the run")
-    t.add_argument("--epochs", type=int, default=100000, help="most epochs in total")
+    p2 = sub.add_parser("pretrain2d", help="the 2D stage (same architecture, synthetic slices)")
+    p2.add_argument("--size", type=int, default=64, help="slice size (voxels, square)")
+    p2.add_argument("--steps-per-epoch", type=int, default=100)
+    p2.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--steps-per-epoch", type=int, default=50)
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--crop", default="64", help="training volume shape: N or D,H,W (voxels)")
+    t.add_argument("--inflate-from", default=None,
+                   help="a fresh run starts from this 2D model (pretrain2d's), inflated to 3D")
+    for q in (t, p2):
+        _common_train_options(q)
+    e = sub.add_parser("evaluate", help="score the run (or --model) on IXI validation pairs")
+    e.add_argument("--model", default=None, help="a model file or shipped name instead of the run")
+    e.add_argument("--pairs", type=int, default=20, help="validation pairs")
+    e.add_argument("--pair-seed", type=int, default=0)
+    e.add_argument("--ship", action="store_true",
+                   help=f"save the run as src/voxreg/models/{SHIPPED}.safetensors")
+    e.add_argument("--min-gain", type=float, default=0.03,
+                   help="least Dice gain over no registration for --ship")
+    return p
+
+
+def _common_train_options(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--epochs", type=int, default=100000, help="most epochs in total")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lambda", dest="lambda_", type=float, default=0.1,
                    help="weight of Grad('l2') on the velocity")
@@ -257,20 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     t.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no new epoch once the next would pass it")
-    e = sub.add_parser("evaluate", help="score the run (or --model) on IXI validation pairs")
-    e.add_argument("--model", default=None, help="a model file or shipped name instead of the run")
-    e.add_argument("--pairs", type=int, default=20, help="validation pairs")
-    e.add_argument("--pair-seed", type=int, default=0)
-    e.add_argument("--ship", action="store_true",
-                   help=f"save the run as src/voxreg/models/{SHIPPED}.safetensors")
-    e.add_argument("--min-gain", type=float, default=0.03,
-                   help="least Dice gain over no registration for --ship")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return cmd_train(args) if args.command == "train" else cmd_evaluate(args)
+    return {"train": cmd_train, "pretrain2d": cmd_pretrain2d,
+            "evaluate": cmd_evaluate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ bidirectional VxmDense, with a penalty on the running mean velocity so it stays 
     # scores and figures (runs/template2d/); --ship saves the unconditional template model as
     # src/voxreg/models/template2d.safetensors when it is sharper than the voxel-wise mean
     python examples/template.py evaluate2d --ship
-    # 3D (121 training volumes, 96x112x96): a short unconditional run, then its scores
-    python examples/template.py train3d --time-budget 1200
-    python examples/template.py evaluate3d
+    # 3D (121 training volumes, 96x112x96): the unconditional template, its registration
+    # network started from the shipped brain3d-diff; then its scores, figures and --ship
+    # (src/voxreg/models/template3d.safetensors)
+    python examples/template.py train3d --init-from brain3d-diff --time-budget 6900
+    python examples/template.py evaluate3d --label-subjects 60 --ship
 
 Measures:
 
@@ -384,6 +386,35 @@ def cmd_evaluate3d(args: argparse.Namespace) -> int:
     for name in ("history.csv", "loss.png"):
         if (run / name).is_file():
             shutil.copy(run / name, out / f"uncond_{name}")
+    if args.ship:
+        if not (sharp["template_rms_grad"] > sharp["mean_rms_grad"]
+                and results["dice_after"] > results["dice_before"]):
+            print("not shipped: the template is not sharper than the voxel-wise mean, or "
+                  "registering to it does not raise Dice")
+            return 1
+        meta = {
+            "description": "3D learned template of IXI T1 brains (96x112x96 at 2 mm, affinely "
+                           "aligned to MNI152) with its diffeomorphic bidirectional VxmDense; "
+                           "voxreg.template.TemplateCreation (Dalca et al., NeurIPS 2019); load "
+                           "with voxreg.template.load_template_model('template3d')",
+            "data": brain3d.DATA_CREDIT,
+            "normalize": "minmax",
+            "input": "volumes in [0, 1] (uint8 / 255)",
+            "affine": [[2.0, 0, 0, -94], [0, 2.0, 0, -128], [0, 0, 2.0, -90], [0, 0, 0, 1]],
+            "training": {**results["training"],
+                         **(model.metadata or {}).get("training", {}),
+                         "init_registration": (model.metadata or {}).get("init_registration")},
+            "sharpness_rms_grad": {"template": sharp["template_rms_grad"],
+                                   "voxelwise_mean": sharp["mean_rms_grad"]},
+            "val_dice_before": results["dice_before"], "val_dice_after": results["dice_after"],
+            "val_folding_pct": results["folding_pct"], "val_subjects": count,
+            "template_labels": f"propagated by majority vote of {voters} training label maps "
+                               "(not stored)",
+        }
+        path = save_model(model, MODELS_DIR / "template3d.safetensors", metadata=meta,
+                          step=results["training"]["steps"],
+                          epoch=results["training"]["epochs"])
+        print(f"shipped {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -418,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=f"score the {name[-2:]} runs and draw the figures")
         e.add_argument("--run-root", default=f"outputs/template{name[-2:]}")
         e.add_argument("--figures", default=f"runs/template{name[-2:]}")
-        if name == "evaluate2d":
-            e.add_argument("--ship", action="store_true",
-                           help=f"save the unconditional model as {MODELS_DIR}/{SHIPPED}"
-                                ".safetensors if it is sharper than the mean")
-        else:
+        shipped = SHIPPED if name == "evaluate2d" else "template3d"
+        e.add_argument("--ship", action="store_true",
+                       help=f"save the unconditional model as {MODELS_DIR}/{shipped}"
+                            ".safetensors if it is sharper than the mean")
+        if name == "evaluate3d":
             e.add_argument("--val-subjects", type=int, default=10)
             e.add_argument("--label-subjects", type=int, default=121,
                            help="training subjects whose labels vote for the template's")

@@ -335,8 +335,8 @@ def test_cli_errors(files, tmp_path):
     base = ["register", files["moving"], files["fixed"], "-m", files["diff"], "--moved",
             tmp_path / "moved.nii.gz"]
     # N is optional, so click reads '-3' as an option (also after '='): still one clear line
-    assert_user_error(run(*base, "--finetune", "-3"), "-3")
-    assert_user_error(run(*base, "--finetune=-3"), "-3")
+    assert_user_error(run(*base, "--finetune", "-3"), "-3", "must not be negative")
+    assert_user_error(run(*base, "--finetune=-3"), "-3", "must not be negative")
     assert_user_error(run(*base, "--finetune", "many"), "--finetune")
     assert_user_error(run(*base, "--finetune", "5", "--finetune-lr", "0"), "--finetune-lr")
     assert_user_error(run(*base, "--finetune", "5", "--image-loss", "l1"), "--image-loss")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from voxreg import networks
 from voxreg import transforms as T
 from voxreg.checkpoint import list_models, load_model, read_checkpoint
-from voxreg.networks import Transform, Unet, VxmDense, build_model
+from voxreg.networks import Transform, Unet, VxmDense, build_model, inflate_weights
 
 SMALL = [[8, 8, 8], [8, 8, 8, 8, 4]]  # 3 pooling levels, 2 final convs
 
@@ -522,3 +522,28 @@ def test_overfits_one_shifted_blob():
     with torch.no_grad():
         end = torch.mean((model(moving, fixed)[0] - fixed) ** 2).item()
     assert end < 0.5 * start, (start, end)
+
+
+def test_inflate_weights_reproduces_the_2d_network_on_every_slice():
+    torch.manual_seed(0)
+    features = [[8, 8], [8, 8, 8]]
+    flat = VxmDense((32, 32), nb_features=features, int_steps=3, int_downsize=2)
+    with torch.no_grad():  # a visible field
+        flat.flow.weight.normal_(0.0, 0.1)
+        flat.flow.bias.copy_(torch.tensor([0.3, -0.2]))
+    deep = VxmDense((24, 32, 32), nb_features=features, int_steps=3, int_downsize=2)
+    assert inflate_weights(deep, flat) == len(flat.state_dict())
+    moving, fixed = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        _, disp2 = flat(moving, fixed, registration=True)
+        _, disp3 = deep(moving[:, :, None].expand(-1, -1, 24, -1, -1).contiguous(),
+                        fixed[:, :, None].expand(-1, -1, 24, -1, -1).contiguous(),
+                        registration=True)
+    assert disp2.abs().max() > 0.1
+    # away from the first and last slices (zero padding there), every slice is the 2D field
+    for depth in (10, 12, 14):
+        torch.testing.assert_close(disp3[0, 1:, depth], disp2[0], atol=1e-4, rtol=0)
+    assert disp3[0, 0].abs().max() < 1e-3  # no field along the new axis yet
+    other = VxmDense((32, 32), nb_features=[[4, 8], [8, 8, 8]])
+    with pytest.raises(ValueError, match="inflate"):
+        inflate_weights(deep, other)

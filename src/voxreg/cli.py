@@ -68,7 +68,12 @@ class _Group(click.Group):
             hint = ""
             if isinstance(exc, click.UsageError) and exc.ctx is not None:
                 hint = f" (see '{exc.ctx.command_path} --help')"
-            click.echo(f"error: {_one_line_text(exc.format_message())}{hint}", err=True)
+            message = _one_line_text(exc.format_message())
+            if isinstance(exc, click.NoSuchOption) and exc.option_name.lstrip("-")[:1].isdigit():
+                # '--finetune -3': a negative number read as an option
+                message = (f"{exc.option_name} is not an option; a number given to an option "
+                           "must not be negative here (e.g. --finetune N takes N >= 0)")
+            click.echo(f"error: {message}{hint}", err=True)
             code = exc.exit_code
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
