@@ -66,3 +66,32 @@ def test_multicontrast_pairs_invert_the_moving_slice_only():
                                                                 torch.zeros_like(b["moving"])))
         assert torch.equal(pairs[k]["moving"], a["moving"])  # the same pair every time
     assert 0 < flipped < len(pairs)
+
+
+def test_synth3d_two_stages(tmp_path, one_thread):
+    """pretrain2d writes a 2D model of the 3D architecture; train --inflate-from starts the 3D
+    run from it (the 3D model's in-plane flow channels are the 2D head's)."""
+    import pytest
+    import torch
+
+    from voxreg.checkpoint import load_checkpoint, load_model
+    from voxreg.data.locate import shared_data
+
+    synth3d = load_example("synth3d")
+    flat = tmp_path / "flat"
+    assert synth3d.main(["--run", str(flat), "pretrain2d", "--size", "32", "--epochs", "1",
+                         "--steps-per-epoch", "2", "--batch-size", "2"]) == 0
+    model2d = load_model(flat / "model.safetensors")
+    assert model2d.flow.weight.shape == (2, 16, 3, 3)
+    if shared_data("ixi") is None:
+        pytest.skip("no ixi data for the 3D stage's validation")
+    deep = tmp_path / "deep"
+    assert synth3d.main(["--run", str(deep), "train", "--inflate-from",
+                         str(flat / "model.safetensors"), "--crop", "16", "--epochs", "1",
+                         "--steps-per-epoch", "1", "--lr", "1e-9"]) == 0
+    ckpt = load_checkpoint(deep / "checkpoint.safetensors")
+    assert ckpt.metadata["inflate_from"] == str(flat / "model.safetensors")
+    head = ckpt.model.flow.weight.detach()
+    expected = model2d.flow.weight.detach().unsqueeze(2).expand(-1, -1, 3, -1, -1) / 3
+    torch.testing.assert_close(head[1:], expected, atol=1e-6, rtol=0)  # one step of lr 1e-9
+    assert head[0].abs().max() < 1e-3
