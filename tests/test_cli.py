@@ -87,6 +87,14 @@ def test_register_then_warp(files, tmp_path):
     assert warped.dtype == np.uint8
     assert set(np.unique(warped)) <= set(np.unique(io.load_image(files["lab0"]).data))
     assert not np.array_equal(warped, io.load_image(files["lab0"]).data)
+    # label interpolation (genericLabel-style): its labels and dtype too, as voxreg.warp does it
+    label_out = tmp_path / "labels_label.nii.gz"
+    assert_ok(run("warp", files["lab0"], "--warp", warp_path, "--out", label_out, "--interp", "label"))
+    by_label = io.load_image(label_out).data
+    assert by_label.dtype == np.uint8
+    source = torch.from_numpy(io.load_image(files["lab0"]).data)[None, None]
+    expected = voxreg.warp(source, torch.from_numpy(disp)[None], interp="label")[0, 0].numpy()
+    np.testing.assert_array_equal(by_label, expected)
 
 
 def test_register_ants_warp(files, tmp_path):

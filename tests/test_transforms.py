@@ -138,6 +138,54 @@ def test_nearest_keeps_integer_labels_exactly():
     assert set(moved_float.unique().tolist()) <= {0.0, 3.0, 17.0, 1000.0, 65535.0}
 
 
+def label_reference(labels, coords, fill):
+    """Per-label linear interpolation of the indicators (scipy), then the largest: the
+    definition of ``interp="label"``; also the margin of the winner over the runner-up."""
+    values = np.unique(np.append(labels, fill))
+    scores = np.stack([ndi.map_coordinates((labels == v).astype(float), coords, order=1,
+                                           mode="grid-constant", cval=float(v == fill))
+                       for v in values])
+    ordered = np.sort(scores, axis=0)
+    return values[scores.argmax(0)], ordered[-1] - ordered[-2]
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (16, 20, 12)])
+def test_label_interpolation_is_the_largest_interpolated_indicator(shape):
+    ndim = len(shape)
+    rng = np.random.default_rng(1)
+    blocks = rng.choice([0, 2, 5, 300], size=tuple(s // 4 for s in shape))
+    labels = ndi.zoom(blocks, 4, order=0).astype(np.int16)
+    disp = smooth_field(shape, batch=1, magnitude=2.5, seed=3, dtype=torch.float64)
+    moved = T.warp(torch.from_numpy(labels)[None, None], disp, interp="label", fill_value=5)
+    assert moved.dtype == torch.int16 and moved.shape == (1, 1, *shape)
+    grid = T.identity_grid(shape, dtype=torch.float64) + disp[0]
+    expected, margin = label_reference(labels, grid.reshape(ndim, -1).numpy(), 5)
+    got = moved.reshape(-1).numpy()
+    clear = margin > 1e-6  # away from exact ties
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    # smoother than nearest: it differs from nearest somewhere, and never invents a label
+    nearest = T.warp(torch.from_numpy(labels)[None, None], disp, interp="nearest", fill_value=5)
+    assert (nearest != moved).any()
+    assert set(moved.unique().tolist()) <= {0, 2, 5, 300}
+    # an affine, batched, with the batch-1 image broadcast; the identity reproduces the map
+    affine = random_affine(ndim, batch=2, seed=6, dtype=torch.float32)
+    batched = T.warp(torch.from_numpy(labels)[None, None], affine, interp="label")
+    for b in range(2):
+        field = T.affine_to_disp(affine[b:b + 1].double(), shape)[0]
+        points = (T.identity_grid(shape, dtype=torch.float64) + field).reshape(ndim, -1)
+        expected, margin = label_reference(labels, points.numpy(), 0)
+        clear = margin > 1e-5
+        np.testing.assert_array_equal(batched[b, 0].reshape(-1).numpy()[clear], expected[clear])
+    identity = T.warp(torch.from_numpy(labels)[None, None], torch.zeros(1, ndim, *shape),
+                      interp="label")
+    assert torch.equal(identity[0, 0], torch.from_numpy(labels))
+    with pytest.raises(ValueError, match="fill_value must be an integer"):
+        T.warp(torch.from_numpy(labels)[None, None], disp, interp="label", fill_value=0.5)
+    with pytest.raises(ValueError, match="'linear', 'nearest' or 'label'"):
+        T.warp(torch.from_numpy(labels)[None, None], disp, interp="cubic")
+
+
 def test_warp_broadcasts_batch_of_one():
     image = torch.rand(1, 1, 10, 12, dtype=torch.float64)
     disp = smooth_field((10, 12), batch=3)

@@ -111,8 +111,8 @@ def check_batch(batch_a: int, batch_b: int, name_a: str, name_b: str) -> int:
 
 
 def check_interp(interp: str) -> str:
-    if interp not in ("linear", "nearest"):
-        raise ValueError(f"interp must be 'linear' or 'nearest', got {interp!r}")
+    if interp not in ("linear", "nearest", "label"):
+        raise ValueError(f"interp must be 'linear', 'nearest' or 'label', got {interp!r}")
     return interp
 
 

@@ -388,8 +388,10 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
 @click.option("--warp", "warp_path", required=True, type=click.Path(),
               help="a field written by 'voxreg register --warp' (any units or format)")
 @click.option("--out", "-o", "out", required=True, type=click.Path(), help="output image")
-@click.option("--interp", type=click.Choice(["linear", "nearest"]), default="linear",
-              show_default=True, help="use 'nearest' for label maps: it keeps label values and dtype")
+@click.option("--interp", type=click.Choice(["linear", "nearest", "label"]), default="linear",
+              show_default=True, help="for label maps 'label' (the label whose linearly "
+              "interpolated indicator is largest, as ANTs' genericLabel) or 'nearest': both keep "
+              "label values and dtype")
 @click.option("--normalize", type=_NORMALIZE, default="none", show_default=True, help=NORMALIZE_HELP)
 @click.option("--resample", is_flag=True,
               help="first resample IMAGE onto the warp's grid via the affines if the grids differ")
@@ -415,7 +417,7 @@ def warp_command(image, warp_path, out, interp, normalize, resample):
     if img.ndim == 3 and disp.shape[0] == 2 and img.shape[-1] == 1:
         img.data = img.data[..., 0]
     img = _onto_grid(img, grid, "image", "warp", resample, interp)
-    data = img.data if interp == "nearest" else io.normalize(img.data, normalize)
+    data = img.data if interp in ("nearest", "label") else io.normalize(img.data, normalize)
     tensor = torch.from_numpy(np.ascontiguousarray(data))
     tensor = tensor[None] if img.channels else tensor[None, None]
     moved = warp(tensor, torch.from_numpy(disp)[None], interp=interp)[0]
@@ -921,20 +923,24 @@ def train(images, list_file, pattern, atlas, out_dir, enc, dec, int_steps, int_d
               help="mi: mutual information (any contrasts); ncc: global normalised "
               "cross-correlation; lncc: local NCC; mse: same contrast only")
 @click.option("--labels", "labels_in", type=click.Path(),
-              help="a label map on the moving grid to carry along (nearest, values kept)")
+              help="a label map on the moving grid to carry along (values and dtype kept)")
 @click.option("--moved-labels", "moved_labels_out", type=click.Path(),
               help="output: the --labels map on the fixed grid")
+@click.option("--label-interp", type=click.Choice(["label", "nearest"]), default="label",
+              show_default=True,
+              help="how --labels is resampled: 'label' (the label whose linearly interpolated "
+              "indicator is largest, as ANTs' genericLabel) or 'nearest'")
 @click.option("--levels", default=None,
               help="pyramid shrink factors, coarse to fine (default 4,2,1)")
 @click.option("--iterations", default=None,
               help="most optimiser iterations per level, one number or one per level (default "
-              "200 Adam steps on the first level, then 30 and 20 L-BFGS iterations)")
+              "200 Adam steps on the first level, then 30 and 10 L-BFGS iterations)")
 @click.option("--init", type=click.Choice(["com", "center", "header"]), default="com",
               show_default=True,
               help="start: the headers' alignment plus matched centres of mass (com) or grid "
               "centres (center), or the headers' alignment alone (header)")
 def affine_command(moving, fixed, moved_out, transform_out, loss, labels_in, moved_labels_out,
-                   levels, iterations, init):
+                   label_interp, levels, iterations, init):
     """Affine registration of MOVING to FIXED (12 parameters in 3D, 6 in 2D).
 
     The images may lie on different grids: their affines place them in the world and the
@@ -983,7 +989,7 @@ def affine_command(moving, fixed, moved_out, transform_out, loss, labels_in, mov
         result.save_itk(transform_out)
     io.save_image(moved_out, moved.data, affine=fix.affine, header=fix.header)
     if labels is not None:
-        moved_labels = result.resample(labels, interp="nearest")
+        moved_labels = result.resample(labels, interp=label_interp)
         io.save_image(moved_labels_out, moved_labels.data, affine=fix.affine, header=fix.header)
     click.echo(f"moved image: {moved_out}")
     if labels is not None:

@@ -329,7 +329,7 @@ def same_grid(a: Image, b: Image, atol: float = 1e-3) -> bool:
 def resample_to(
     moving: Image,
     fixed: Image,
-    interp: Literal["linear", "nearest"] | None = None,
+    interp: Literal["linear", "nearest", "label"] | None = None,
     fill_value: float = 0.0,
 ) -> Image:
     """Resample ``moving`` onto ``fixed``'s grid through world coordinates.
@@ -339,8 +339,9 @@ def resample_to(
     ``fill_value``.
 
     Args:
-        interp: ``"linear"`` or ``"nearest"``; default nearest for integer data (label maps keep
-            their values and dtype), linear otherwise.
+        interp: ``"linear"``, ``"nearest"`` or ``"label"`` (label maps: the label whose
+            linearly interpolated indicator is largest, as ANTs' ``genericLabel``); default
+            nearest for integer data (label maps keep their values and dtype), linear otherwise.
 
     Returns:
         An :class:`Image` on the fixed grid with the fixed affine (and the fixed header).
