@@ -897,6 +897,21 @@ def _positive_ints(values: Sequence[int] | int, name: str) -> tuple[int, ...]:
     return out
 
 
+def _per_level(values: Sequence[int] | int | None, defaults: tuple[int, int, int], count: int,
+               name: str, single: int) -> tuple[int, ...]:
+    """One positive integer per pyramid level: from one number, one per level, or ``None``
+    (``defaults`` for the first, middle and finest levels; ``single`` for a one-level pyramid)."""
+    if values is None:
+        first, middle, last = defaults
+        values = (first,) + (middle,) * (count - 2) + (last,) if count > 1 else (single,)
+    out = _positive_ints(values, name)
+    if len(out) == 1:
+        out = out * count
+    if len(out) != count:
+        raise ValueError(f"{name} must give one number or one per level ({count}), got {len(out)}")
+    return out
+
+
 def register_affine(
     moving: io.Image | np.ndarray,
     fixed: io.Image | np.ndarray,
@@ -974,16 +989,8 @@ def register_affine(
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     defaults = _OPTIMIZER_DEFAULTS[optimizer]
     levels = _positive_ints(levels, "levels")
-    if iterations is None:  # first level, middle levels, finest level
-        first, middle, last = defaults["iterations"]
-        iterations = (first,) + (middle,) * (len(levels) - 2) + (last,) if len(levels) > 1 \
-            else (first,)
-    iterations = _positive_ints(iterations, "iterations")
-    if len(iterations) == 1:
-        iterations = iterations * len(levels)
-    if len(iterations) != len(levels):
-        raise ValueError(f"iterations must give one number or one per level ({len(levels)}), "
-                         f"got {len(iterations)}")
+    iterations = _per_level(iterations, defaults["iterations"], len(levels), "iterations",
+                            single=defaults["iterations"][0])
     rigid_iterations = defaults["rigid_iterations"] if rigid_iterations is None else rigid_iterations
     for name, value in (("lr", lr), ("tol", tol)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
@@ -995,16 +1002,8 @@ def register_affine(
     for name, value in (("patience", patience), ("bins", bins)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_points is None:  # first level, middle levels, finest level
-        first, middle, last = DEFAULT_MAX_POINTS
-        max_points = (first,) + (middle,) * (len(levels) - 2) + (last,) if len(levels) > 1 \
-            else (last,)
-    points_per_level = _positive_ints(max_points, "max_points")
-    if len(points_per_level) == 1:
-        points_per_level = points_per_level * len(levels)
-    if len(points_per_level) != len(levels):
-        raise ValueError(f"max_points must give one number or one per level ({len(levels)}), "
-                         f"got {len(points_per_level)}")
+    points_per_level = _per_level(max_points, DEFAULT_MAX_POINTS, len(levels), "max_points",
+                                  single=DEFAULT_MAX_POINTS[-1])
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd positive integer, got {window!r}")
     ndim = fixed.ndim
