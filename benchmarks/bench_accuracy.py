@@ -2,7 +2,7 @@
 
 On validation pairs of ``../shared/data/ixi`` (96x112x96 at 2 mm, affinely aligned to MNI152),
 every method registers the same ordered pairs ``(moving, fixed)``
-(:func:`voxreg.brain3d.val_pairs`); the moving DLMUSE labels are carried onto the fixed grid
+(:func:`voxreg.apps.brain3d.val_pairs`); the moving DLMUSE labels are carried onto the fixed grid
 (voxreg: nearest; ANTs: ``genericLabel``) and scored with one function,
 :func:`voxreg.metrics.mean_dice_present` (mean Dice over the non-zero labels present in both
 maps). Folding is the % of voxels with Jacobian determinant <= 0 (voxreg:
@@ -39,7 +39,7 @@ from _common import env_info, setup_threads, write_json  # noqa: E402
 
 def _voxreg_rows(models: list[str], images, labels, pairs, threads: int) -> dict[str, dict]:
     import voxreg
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
 
     out = {}
     for name in models:
@@ -60,7 +60,7 @@ def _voxreg_rows(models: list[str], images, labels, pairs, threads: int) -> dict
 
 def _ants(transform: str, pair_idx, ids, labels, work: Path, python: Path, threads: int
           ) -> dict | None:
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
 
     if not python.is_file():
         print(f"skipping ANTs {transform}: no {python} (run benchmarks/setup_ants_env.sh)")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
     args = p.parse_args(argv)
 
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
 
     if not (brain3d.data_dir(args.data) / "splits.json").is_file():
         print("no IXI data (../shared/data/ixi or --data): nothing to measure")

@@ -10,11 +10,11 @@ nearest-neighbour interpolation; seconds per pair cover the network's forward pa
 optimisation and the final warp (one untimed warm-up call first).
 
 * 2D: shipped ``brain2d-smooth`` on ``--pairs2d`` validation pairs of ``ixi2d.npz``
-  (:func:`voxreg.brain2d.val_pairs`), and, for the choice of what to optimise, the network's
+  (:func:`voxreg.apps.brain2d.val_pairs`), and, for the choice of what to optimise, the network's
   weights (VoxelMorph's instance-specific optimisation, ``optimize="weights"``, lr 1e-4) for
   ``--weights-steps`` on the first ``--weights-pairs`` of them.
 * 3D: shipped ``brain3d`` on ``--pairs3d`` validation pairs of ``ixi/``
-  (:func:`voxreg.brain3d.val_pairs`); ``--no-3d`` skips it.
+  (:func:`voxreg.apps.brain3d.val_pairs`); ``--no-3d`` skips it.
 
 ``--threads`` defaults to 1 (the machine may be busy with a training run: say so with ``--note``).
 Results go to ``--json`` (default ``benchmarks/results/bench_finetune.json``).
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import env_info, format_table, setup_threads, write_json  # noqa: E402
 
 import voxreg  # noqa: E402
-from voxreg import brain2d, brain3d  # noqa: E402
 from voxreg import transforms as T  # noqa: E402
+from voxreg.apps import brain2d, brain3d  # noqa: E402
 from voxreg.metrics import mean_dice_present  # noqa: E402
 from voxreg.registration import DEFAULT_FINETUNE_STEPS, finetune  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Multi-contrast registration: Dice on same-contrast pairs and with the moving image inverted.
 
-On ``--pairs`` ixi2d axial validation pairs (:func:`voxreg.brain2d.val_pairs`, seed 0: the
+On ``--pairs`` ixi2d axial validation pairs (:func:`voxreg.apps.brain2d.val_pairs`, seed 0: the
 pairs of ``examples/multicontrast2d.py`` and ``examples/synth2d.py``) each method registers the
 moving slice as it is ("same") and intensity-inverted inside the brain ("inverted",
 :func:`voxreg.data.synthesis.invert_contrast`: ``1 - image`` where the labels are non-zero, a T1
@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import env_info, format_table, setup_threads, write_json  # noqa: E402
 
 import voxreg  # noqa: E402
-from voxreg import brain2d  # noqa: E402
 from voxreg import transforms as T  # noqa: E402
+from voxreg.apps import brain2d  # noqa: E402
 from voxreg.data.synthesis import invert_contrast  # noqa: E402
 from voxreg.metrics import mean_dice_present  # noqa: E402
-from voxreg.networks import VxmDense  # noqa: E402
+from voxreg.nn.networks import VxmDense  # noqa: E402
 
 LAMBDA = {"mse": 0.01, "ncc": 1.0, "mi": 0.1}
 

@@ -181,7 +181,7 @@ def vxm_worker(workdir: Path, repeats: int, threads: int, cases: list[str], seed
 
 
 def voxreg_model(key: str, shape, seed: int):
-    from voxreg.networks import VxmDense
+    from voxreg.nn.networks import VxmDense
 
     torch.manual_seed(seed)
     return VxmDense(shape, **VOXREG_MODELS[key])

@@ -17,11 +17,11 @@ minimum in milliseconds. The two sides run one after the other, never at the sam
 Cases (batch 1, float32, CPU):
 
 1. warp a one-channel image by a smooth random displacement (linear, zero fill):
-   ``voxreg.warp``, ``voxreg.layers.SpatialTransformer``, plain ``F.grid_sample`` (its sampling
+   ``voxreg.warp``, ``voxreg.nn.layers.SpatialTransformer``, plain ``F.grid_sample`` (its sampling
    grid is normalised *outside* the timed call: only the sampling kernel is timed), and
    ``voxelmorph.nn.modules.SpatialTransformer`` (its normalisation is inside its call).
 2. integrate a 3-channel velocity field by scaling and squaring, 7 steps:
-   ``voxreg.integrate_velocity``, ``voxreg.layers.VecInt``,
+   ``voxreg.integrate_velocity``, ``voxreg.nn.layers.VecInt``,
    ``voxelmorph.nn.modules.IntegrateVelocityField``; and at half resolution (resize the velocity
    by 0.5, integrate, resize back) with ``voxreg.resize_disp`` and with voxelmorph's
    ``ResizeDisplacementField``, as the original TF VoxelMorph integrated (``int_downsize=2``).
@@ -157,7 +157,7 @@ def run_vxm(python: Path, workdir: Path, repeats: int, threads: int, cases: set[
 
 def run_voxreg(inputs: dict[str, torch.Tensor], repeats: int, cases: set[str]):
     import voxreg
-    from voxreg.layers import VecInt
+    from voxreg.nn.layers import VecInt
 
     image, disp, velocity = inputs["image"], inputs["disp"], inputs["velocity"]
     shape = tuple(image.shape[2:])
@@ -172,7 +172,7 @@ def run_voxreg(inputs: dict[str, torch.Tensor], repeats: int, cases: set[str]):
         vecint = VecInt(shape, STEPS)
         r = time_fn(lambda: vecint(velocity), repeats)
         outputs["integrate_layer"] = r.pop("result")
-        timings["voxreg.layers.VecInt"] = r
+        timings["voxreg.nn.layers.VecInt"] = r
 
     def half_res():
         small = voxreg.resize_disp(velocity, factor=0.5)
@@ -187,7 +187,7 @@ def run_voxreg(inputs: dict[str, torch.Tensor], repeats: int, cases: set[str]):
 
 def _voxreg_warp(image, disp, shape, repeats, timings, outputs) -> None:
     import voxreg
-    from voxreg.layers import SpatialTransformer
+    from voxreg.nn.layers import SpatialTransformer
 
     r = time_fn(lambda: voxreg.warp(image, disp), repeats)
     outputs["warp"] = r.pop("result")
@@ -196,7 +196,7 @@ def _voxreg_warp(image, disp, shape, repeats, timings, outputs) -> None:
     st = SpatialTransformer(shape)
     r = time_fn(lambda: st(image, disp), repeats)
     outputs["warp_layer"] = r.pop("result")
-    timings["voxreg.layers.SpatialTransformer"] = r
+    timings["voxreg.nn.layers.SpatialTransformer"] = r
 
     # plain grid_sample: the normalised grid is built here, outside the timed call
     axes = [torch.linspace(-1.0, 1.0, s) for s in shape]
@@ -319,11 +319,11 @@ def main(argv=None) -> int:
     vxm_half = "vxm half-res (Resize+Integrate+Resize)"
     plan = [
         ("warp", "voxreg.warp", vxm_warp, "warp"),
-        ("warp", "voxreg.layers.SpatialTransformer", vxm_warp, "warp_layer"),
+        ("warp", "voxreg.nn.layers.SpatialTransformer", vxm_warp, "warp_layer"),
         ("warp", "F.grid_sample (grid prebuilt)", vxm_warp, "grid_sample"),
         ("warp", vxm_warp, None, None),
         ("integrate x7", "voxreg.integrate_velocity", vxm_int, "integrate"),
-        ("integrate x7", "voxreg.layers.VecInt", vxm_int, "integrate_layer"),
+        ("integrate x7", "voxreg.nn.layers.VecInt", vxm_int, "integrate_layer"),
         ("integrate x7", vxm_int, None, None),
         ("integrate x7 half-res", "voxreg half-res (resize_disp+integrate+resize_disp)", vxm_half,
          "integrate_half"),
@@ -382,9 +382,9 @@ def main(argv=None) -> int:
                   "(0.5, 2), voxreg.resize_disp by (new-1)/(old-1) (corner-aligned grids), so the "
                   "half-res rows differ by that too.")
         summary = []
-        for name, kind in [("voxreg.warp", "warp"), ("voxreg.layers.SpatialTransformer", "warp"),
+        for name, kind in [("voxreg.warp", "warp"), ("voxreg.nn.layers.SpatialTransformer", "warp"),
                            ("voxreg.integrate_velocity", "integrate"),
-                           ("voxreg.layers.VecInt", "integrate")]:
+                           ("voxreg.nn.layers.VecInt", "integrate")]:
             rec = next((r for r in records if r["name"] == name), None)
             if rec and rec["speedup_vs_vxm"] is not None:
                 ok = rec["speedup_vs_vxm"] >= TARGETS[kind]

@@ -17,7 +17,7 @@ is saved.
 Outputs in ``--out``: ``smooth/`` and ``nosmooth/`` (training runs: history.csv, loss.png,
 checkpoints), ``brain2d.json`` (all numbers), ``brain2d.md`` (the table) and ``brain2d.png``.
 
-Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.brain2d.DATA_CREDIT``.
+Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.apps.brain2d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import voxreg
-from voxreg import brain2d
+from voxreg.apps import brain2d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint
 
 MODELS = {"smooth": 0.01, "nosmooth": 0.0}

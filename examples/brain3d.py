@@ -19,7 +19,7 @@ volumes with ``MSE + 0.01 * Grad("l2")``, Adam, batch 1. The run folder (default
     # mid-slice pictures of one validation pair
     python examples/brain3d.py figures
 
-Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.brain3d.DATA_CREDIT``.
+Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.apps.brain3d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from voxreg import brain3d
+from voxreg.apps import brain3d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
 
 DEFAULT_RUN = "runs/brain3d"

@@ -1,4 +1,4 @@
-"""The VoxelMorph MNIST tutorial, end to end (a thin wrapper around voxreg.tutorials).
+"""The VoxelMorph MNIST tutorial, end to end (a thin wrapper around voxreg.apps.tutorial).
 
 Trains VoxelMorph's 2D model on MNIST fives (MSE + 0.05 x Grad('l2'), Adam), then registers
 held-out fives, sevens, and fives with intensities multiplied by 5, printing the MSE before and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-import voxreg.tutorials as tutorials
+import voxreg.apps.tutorial as tutorials
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import voxreg
-from voxreg import brain2d
+from voxreg.apps import brain2d
 from voxreg.data import ScanToScanDataset
 from voxreg.data.synthesis import invert_contrast
 

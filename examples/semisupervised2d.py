@@ -19,7 +19,7 @@ labels, and over the held-out labels.
 Outputs in ``--out`` (default ``outputs/semisupervised2d``): ``unsupervised/`` and ``semi/``
 (training runs, resumable: ``--resume``), ``semisupervised2d.json`` and ``semisupervised2d.md``.
 
-Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.brain2d.DATA_CREDIT``.
+Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); see ``voxreg.apps.brain2d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxreg import brain2d
 from voxreg import transforms as T
+from voxreg.apps import brain2d
 from voxreg.checkpoint import load_checkpoint
 from voxreg.data import ScanToScanDataset
-from voxreg.training import CHECKPOINT_NAME, train
+from voxreg.training import train
+from voxreg.training.engine import CHECKPOINT_NAME
 
 RUNS = ("unsupervised", "semi")
 

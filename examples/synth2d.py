@@ -34,7 +34,7 @@ validation pairs; no checkpoint is selected on them), ``loss.png``, ``evaluation
 ``evaluation.md``.
 
 Training data: synthetic only. Evaluation data: IXI (CC BY-SA 3.0) with DLMUSE labels
-(CBICA/NiChart); see ``voxreg.brain2d.DATA_CREDIT``.
+(CBICA/NiChart); see ``voxreg.apps.brain2d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ import numpy as np
 import torch
 
 import voxreg
-from voxreg import brain2d
+from voxreg.apps import brain2d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
 from voxreg.data.synthesis import (
     ImageSynthesis,
     LabelSynthesis,
     SynthPairDataset,
     invert_contrast,
-    synthetic_dice,
 )
-from voxreg.networks import VxmDense
-from voxreg.training import CHECKPOINT_NAME, train
+from voxreg.evaluation import synthetic_dice
+from voxreg.nn.networks import VxmDense
+from voxreg.training import train
+from voxreg.training.engine import CHECKPOINT_NAME
 
 DEFAULT_RUN = "runs/synth2d"
 SHIPPED = "synth2d"

@@ -5,7 +5,7 @@ As ``examples/synth2d.py``, in 3D: every training pair is a random label map
 given its own random contrast; the loss is Dice between the warped moving labels and the fixed
 labels plus ``lambda * Grad("l2")`` on the velocity (Hoffmann et al. 2021). No real image or
 label map is seen in training, and no image is ever a target. The model is
-:func:`voxreg.brain3d.make_model` with ``int_steps=7, int_downsize=2`` (the architecture of
+:func:`voxreg.apps.brain3d.make_model` with ``int_steps=7, int_downsize=2`` (the architecture of
 ``brain3d-diff``, one direction) built for the IXI grid 96x112x96; it is fully convolutional, so
 it trains on synthetic volumes of ``--crop`` voxels (the same 2 mm scale: blobs and deformations
 are set in voxels) and registers full volumes.
@@ -17,7 +17,7 @@ a 2D run of batch 8 leaves that plateau after about 100 steps. So:
 
 1. ``pretrain2d``: the same architecture in 2D on synthetic 64x64 slices, the same loss (10
    minutes on one core: held-out synthetic Dice 0.676 -> 0.77).
-2. ``train --inflate-from``: the 2D weights inflated to 3D (:func:`voxreg.networks.inflate_weights`,
+2. ``train --inflate-from``: the 2D weights inflated to 3D (:func:`voxreg.nn.networks.inflate_weights`,
    each 3x3 kernel repeated over 3 slices and divided by 3; the new axis's flow channel starts at
    zero), then Dice-only training on 3D synthetic crops. It improves from its first epoch.
 
@@ -40,7 +40,7 @@ monitoring only, on 3 real validation pairs; no checkpoint is selected on them),
 ``evaluation.json`` and ``evaluation.md``.
 
 Training data: synthetic only. Evaluation data: IXI (CC BY-SA 3.0) with DLMUSE labels
-(CBICA/NiChart); see ``voxreg.brain3d.DATA_CREDIT``.
+(CBICA/NiChart); see ``voxreg.apps.brain3d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -57,17 +57,19 @@ import numpy as np
 import torch
 
 import voxreg
-from voxreg import brain3d
+from voxreg.apps import brain3d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
 from voxreg.data.synthesis import (
     ImageSynthesis,
     LabelSynthesis,
     SynthPairDataset,
     invert_contrast,
-    synthetic_dice,
 )
-from voxreg.networks import VxmDense, inflate_weights
-from voxreg.training import CHECKPOINT_NAME, train
+from voxreg.evaluation import synthetic_dice
+from voxreg.nn.networks import VxmDense
+from voxreg.nn.weights import inflate_weights
+from voxreg.training import train
+from voxreg.training.engine import CHECKPOINT_NAME
 
 DEFAULT_RUN = "runs/synth3d"
 SHIPPED = "synth3d"

@@ -33,7 +33,7 @@ Training runs (checkpoints, history, snapshots) go to ``outputs/template2d`` (``
 figures and the numbers to ``runs/template2d`` (``--figures``).
 
 Data: IXI (CC BY-SA 3.0) with DLMUSE labels (CBICA/NiChart); ages from ``ixi/subjects.csv``; see
-``voxreg.brain2d.DATA_CREDIT``.
+``voxreg.apps.brain2d.DATA_CREDIT``.
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxreg import brain2d, plot
-from voxreg import template as tpl
-from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
+from voxreg import evaluation, plot
+from voxreg.apps import brain2d
+from voxreg.checkpoint import MODELS_DIR, load_checkpoint, load_template_model, save_model
 from voxreg.data.locate import shared_data
+from voxreg.nn.template import TemplateCreation
+from voxreg.training.template import SNAPSHOT_DIR, train_template
 
 SHIPPED = "template2d"
 FEATURES = [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]  # VoxelMorph's defaults
@@ -91,8 +93,8 @@ def load_2d(path: str | None) -> dict[str, Any]:
 
 def load_run(path: Path):
     """``(model, history)`` of a template run's checkpoint or model file."""
-    model = tpl.load_template_model(path)
-    history = load_checkpoint(path, model=tpl.load_template_model(path)).history
+    model = load_template_model(path)
+    history = load_checkpoint(path, model=load_template_model(path)).history
     return model, history
 
 
@@ -124,7 +126,7 @@ def cmd_train2d(args: argparse.Namespace) -> int:
           f"{args.steps_per_epoch} steps/epoch, budget {args.time_budget} s, threads "
           f"{args.threads}", flush=True)
     tic = time.perf_counter()
-    model, history = tpl.train_template(
+    model, history = train_template(
         images, attributes, attribute_names=names, nb_features=FEATURES, int_steps=7,
         int_downsize=2, out_dir=run, resume=True, init_seed=args.seed, epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
@@ -138,7 +140,7 @@ def cmd_train2d(args: argparse.Namespace) -> int:
 
 
 def cmd_train3d(args: argparse.Namespace) -> int:
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
 
     torch.set_num_threads(args.threads)
     train = brain3d.load_ixi("train", args.data3d, labels=False)
@@ -148,7 +150,7 @@ def cmd_train3d(args: argparse.Namespace) -> int:
           f"int_downsize {args.int_downsize}, budget {args.time_budget} s, threads {args.threads}",
           flush=True)
     tic = time.perf_counter()
-    model, history = tpl.train_template(
+    model, history = train_template(
         train["images"], nb_features=FEATURES, int_steps=7, int_downsize=args.int_downsize,
         out_dir=run, resume=True, init_seed=args.seed, epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
@@ -171,12 +173,12 @@ def cmd_train3d(args: argparse.Namespace) -> int:
 def sharpness_table(template: np.ndarray, mean: np.ndarray) -> dict[str, float]:
     brain = mean > 0.1
     return {
-        "template_rms_grad": tpl.sharpness(template),
-        "mean_rms_grad": tpl.sharpness(mean),
-        "template_rms_grad_brain": tpl.sharpness(template, brain),
-        "mean_rms_grad_brain": tpl.sharpness(mean, brain),
-        "template_mean_grad": tpl.sharpness(template, measure="mean"),
-        "mean_mean_grad": tpl.sharpness(mean, measure="mean"),
+        "template_rms_grad": evaluation.sharpness(template),
+        "mean_rms_grad": evaluation.sharpness(mean),
+        "template_rms_grad_brain": evaluation.sharpness(template, brain),
+        "mean_rms_grad_brain": evaluation.sharpness(mean, brain),
+        "template_mean_grad": evaluation.sharpness(template, measure="mean"),
+        "mean_mean_grad": evaluation.sharpness(mean, measure="mean"),
     }
 
 
@@ -205,7 +207,7 @@ def figures_2d(model, data, template_labels, mean, out: Path, conditional=None) 
                  save=path)
     paths.append(path)
     # evolution: snapshots
-    snaps = sorted((Path(model.run_dir) / tpl.SNAPSHOT_DIR).glob("template_epoch*.nii.gz"))
+    snaps = sorted((Path(model.run_dir) / SNAPSHOT_DIR).glob("template_epoch*.nii.gz"))
     if snaps:
         from voxreg import io
 
@@ -218,7 +220,7 @@ def figures_2d(model, data, template_labels, mean, out: Path, conditional=None) 
         paths.append(path)
     if conditional is not None:
         cond_model = conditional
-        ages = tpl.templates_at(cond_model, list(AGES))
+        ages = evaluation.templates_at(cond_model, list(AGES))
         panels = [rot(a) for a in ages] + [rot(ages[-1] - ages[0])]
         titles = [f"age {a:g}" for a in AGES] + [f"age {AGES[-1]:g} - age {AGES[0]:g}"]
         lim = float(np.abs(ages[-1] - ages[0]).max())
@@ -246,16 +248,16 @@ def cmd_evaluate2d(args: argparse.Namespace) -> int:
     model.run_dir = run
     template = model.template_image()
     sharp = sharpness_table(template, mean)
-    centred = tpl.mean_displacement(model, train)
+    centred = evaluation.mean_displacement(model, train)
     tic = time.perf_counter()
-    template_labels = tpl.propagate_labels(model, train, data["train_labels"])
+    template_labels = evaluation.propagate_labels(model, train, data["train_labels"])
     seconds_labels = time.perf_counter() - tic
     tic = time.perf_counter()
-    dice = tpl.template_dice(model, template_labels, val, data["val_labels"])
+    dice = evaluation.template_dice(model, template_labels, val, data["val_labels"])
     seconds_dice = time.perf_counter() - tic
     # the voxel-wise mean as a template: the labels voted without registration
-    mean_labels = tpl.propagate_labels(
-        tpl.TemplateCreation(model.inshape, template_init=mean, nb_features=FEATURES), train,
+    mean_labels = evaluation.propagate_labels(
+        TemplateCreation(model.inshape, template_init=mean, nb_features=FEATURES), train,
         data["train_labels"])
     from voxreg.metrics import mean_dice_present
 
@@ -277,19 +279,19 @@ def cmd_evaluate2d(args: argparse.Namespace) -> int:
         train_ages = subject_ages(data["train_ids"], args.subjects)
         keep = np.isfinite(train_ages)
         val_ages = subject_ages(data["val_ids"], args.subjects)
-        ages = tpl.templates_at(cond, list(AGES))
+        ages = evaluation.templates_at(cond, list(AGES))
         brain = mean > 0.1
-        cond_labels = tpl.propagate_labels(cond, train[keep], data["train_labels"][keep],
+        cond_labels = evaluation.propagate_labels(cond, train[keep], data["train_labels"][keep],
                                            train_ages[keep])
-        cdice = tpl.template_dice(cond, cond_labels, val, data["val_labels"], val_ages)
+        cdice = evaluation.template_dice(cond, cond_labels, val, data["val_labels"], val_ages)
         # how the template changes with age: intensity inside the brain and the dark (CSF)
         # area, ventricles growing with age being the expected trend
         csf = {f"{a:g}": float(((t < 0.25) & brain).sum()) for a, t in zip(AGES, ages)}
         results["conditional"] = {
             "training": _history_summary(cond_history),
             "attribute_center": cond.attribute_center, "attribute_scale": cond.attribute_scale,
-            "centring": tpl.mean_displacement(cond, train[keep], train_ages[keep]),
-            "sharpness_at_ages": {f"{a:g}": tpl.sharpness(t) for a, t in zip(AGES, ages)},
+            "centring": evaluation.mean_displacement(cond, train[keep], train_ages[keep]),
+            "sharpness_at_ages": {f"{a:g}": evaluation.sharpness(t) for a, t in zip(AGES, ages)},
             "dark_voxels_in_brain_at_ages": csf,
             "mean_abs_change_30_to_70_in_brain": float(np.abs(ages[-1] - ages[0])[brain].mean()),
             "dice_before": cdice["dice_before"], "dice_after": cdice["dice_after"],
@@ -354,7 +356,7 @@ def cmd_evaluate2d(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate3d(args: argparse.Namespace) -> int:
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
 
     torch.set_num_threads(args.threads)
     out = Path(args.figures)
@@ -369,13 +371,13 @@ def cmd_evaluate3d(args: argparse.Namespace) -> int:
                                "sharpness": sharp}
     print(json.dumps(results, indent=1), flush=True)
     voters = min(args.label_subjects, len(train["images"]))
-    template_labels = tpl.propagate_labels(model, train["images"][:voters],
+    template_labels = evaluation.propagate_labels(model, train["images"][:voters],
                                            train["labels"][:voters])
     results["label_voters"] = voters
     del train
     val = brain3d.load_ixi("val", args.data3d, labels=True)
     count = min(args.val_subjects, len(val["images"]))
-    dice = tpl.template_dice(model, template_labels, val["images"][:count],
+    dice = evaluation.template_dice(model, template_labels, val["images"][:count],
                              val["labels"][:count])
     results.update({"val_subjects": count, "dice_before": dice["dice_before"],
                     "dice_after": dice["dice_after"], "folding_pct": dice["folding_pct"]})

@@ -1,4 +1,4 @@
-"""The shipped 2D brain models register IXI validation slices (voxreg.brain2d, examples/brain2d.py)."""
+"""The shipped 2D brain models register IXI validation slices (voxreg.apps.brain2d, examples/brain2d.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import voxreg
-from voxreg import brain2d
+from voxreg.apps import brain2d
 
 pytestmark = pytest.mark.skipif(
     not brain2d.data_path().is_file(), reason="IXI 2D slices (ixi2d.npz) not available"

@@ -1,4 +1,4 @@
-"""The 3D brain model (voxreg.brain3d, examples/brain3d.py): training resumes, the shipped model
+"""The 3D brain model (voxreg.apps.brain3d, examples/brain3d.py): training resumes, the shipped model
 registers IXI validation volumes."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import voxreg
-from voxreg import brain3d, metrics
+from voxreg import metrics
+from voxreg.apps import brain3d
 from voxreg.checkpoint import MODELS_DIR, load_checkpoint
 
 HAVE_IXI = (brain3d.data_dir() / "splits.json").is_file()

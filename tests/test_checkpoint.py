@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from voxreg import checkpoint as ck
 from voxreg.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
 
 SHAPE = (16, 16)
 

@@ -36,7 +36,7 @@ def files(tmp_path_factory):
         out[f"img{i}"] = io.save_image(root / f"img{i}.nii.gz", image, AFFINE)
         out[f"lab{i}"] = io.save_image(root / f"lab{i}.nii.gz", labels, AFFINE)
     torch.manual_seed(0)
-    model = voxreg.networks.VxmDense(SHAPE, nb_features=[[4, 4], [4, 4, 4]], int_steps=3)
+    model = voxreg.nn.networks.VxmDense(SHAPE, nb_features=[[4, 4], [4, 4, 4]], int_steps=3)
     with torch.no_grad():  # a visible (smooth enough) deformation from an untrained model
         model.flow.weight.normal_(0, 0.1)
         model.flow.bias.copy_(torch.tensor([0.6, -0.4, 0.3]))
@@ -211,8 +211,8 @@ def test_models_and_demo(tmp_path, monkeypatch):
     assert_ok(result)
     assert result.output.strip()
     # the tutorial module missing: one clear line
-    monkeypatch.setitem(sys.modules, "voxreg.tutorials", None)
-    assert_user_error(run("demo", "--out", tmp_path / "demo", "--quick"), "voxreg.tutorials")
+    monkeypatch.setitem(sys.modules, "voxreg.apps.tutorial", None)
+    assert_user_error(run("demo", "--out", tmp_path / "demo", "--quick"), "voxreg.apps.tutorial")
     # present: it is called with the folder and a short schedule for --quick
     calls = []
 
@@ -220,7 +220,8 @@ def test_models_and_demo(tmp_path, monkeypatch):
         calls.append((out_dir, epochs, steps_per_epoch))
         return {"dice": 0.5}
 
-    monkeypatch.setitem(sys.modules, "voxreg.tutorials", types.SimpleNamespace(mnist_tutorial=fake_tutorial))
+    monkeypatch.setitem(sys.modules, "voxreg.apps.tutorial",
+                        types.SimpleNamespace(mnist_tutorial=fake_tutorial))
     result = run("demo", "--out", tmp_path / "demo", "--quick")
     assert_ok(result)
     assert calls == [(tmp_path / "demo", 2, 10)] and "dice: 0.5" in result.output

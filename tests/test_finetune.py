@@ -12,7 +12,7 @@ from fields import smooth_random_field as _smooth_field
 
 import voxreg
 from voxreg import io, losses, transforms
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
 from voxreg.registration import (
     DEFAULT_FINETUNE_STEPS,
     FinetuneResult,

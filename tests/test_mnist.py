@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import voxreg
-from voxreg import tutorials
+from voxreg.apps import tutorial as tutorials
 from voxreg.data import load_mnist, prepare_digits
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -20,7 +20,7 @@ from voxreg import io
 from voxreg import transforms as T
 from voxreg.data.synthesis import LabelSynthesis, invert_contrast, synth_label_maps
 from voxreg.metrics import mean_dice_present
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

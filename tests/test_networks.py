@@ -1,4 +1,4 @@
-"""Tests of voxreg.networks: shapes, odd sizes, integration, bidir, config round trip, errors."""
+"""Tests of voxreg.nn.networks: shapes, odd sizes, integration, bidir, config round trip, errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxreg import networks
 from voxreg import transforms as T
 from voxreg.checkpoint import list_models, load_model, read_checkpoint
-from voxreg.networks import Transform, Unet, VxmDense, build_model, inflate_weights
+from voxreg.nn import networks
+from voxreg.nn.networks import Transform, Unet, VxmDense
+from voxreg.nn.registry import MODEL_CLASSES, build_model
+from voxreg.nn.weights import inflate_weights
 
 SMALL = [[8, 8, 8], [8, 8, 8, 8, 4]]  # 3 pooling levels, 2 final convs
 
@@ -254,11 +256,8 @@ def test_unet_keeps_channels_last_on_cpu():
 
 def _load_shipped(name: str) -> torch.nn.Module:
     config = json.loads(read_checkpoint(name)[0]["config"])
-    if config["class"] in networks._MODELS:
-        return load_model(name, device="cpu")
-    from voxreg.template import load_template_model  # template models hold a VxmDense
-
-    return load_template_model(name, device="cpu")
+    assert config["class"] in MODEL_CLASSES  # template models hold a VxmDense too
+    return load_model(name, device="cpu")
 
 
 @pytest.mark.parametrize("name", list_models())

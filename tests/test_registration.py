@@ -11,7 +11,7 @@ import torch
 from fields import smooth_random_field as _smooth_field
 
 from voxreg import transforms
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
 from voxreg.registration import InverseApproximationWarning, RegistrationResult, register
 
 

@@ -16,7 +16,8 @@ from voxreg import transforms as T
 from voxreg.cli import cli
 from voxreg.data import ScanToScanDataset
 from voxreg.data import synthesis as S
-from voxreg.networks import VxmDense
+from voxreg.evaluation import synthetic_dice
+from voxreg.nn.networks import VxmDense
 from voxreg.training import Trainer, train
 
 SHAPE = (32, 32)
@@ -274,7 +275,7 @@ def test_synthetic_dice_before_and_after(one_thread):
                                                   pairs[i]["moving_seg"][0].numpy())
                         for i in range(len(pairs))])
     model = _tiny_model().eval()  # an untrained model: a field of about 1e-5 voxels
-    before, after = S.synthetic_dice(model, pairs, batch_size=2)
+    before, after = synthetic_dice(model, pairs, batch_size=2)
     assert before == pytest.approx(expected) and after == pytest.approx(expected, abs=1e-3)
     assert before < 0.95  # the pairs are apart: the check above is not trivial
 
@@ -467,7 +468,7 @@ def test_cli_train_help_mentions_new_options():
 
 
 def _ixi2d_available() -> bool:
-    from voxreg import brain2d
+    from voxreg.apps import brain2d
 
     return brain2d.data_path().is_file()
 
@@ -476,7 +477,7 @@ def _ixi2d_available() -> bool:
 def test_shipped_synth2d_registers_real_slices_whatever_the_contrast(one_thread):
     """Measured on val_pairs(30, 10, seed=0): Dice 0.508 -> 0.525 (same contrast) and 0.526
     (moving inverted); assert half the gain and a contrast gap within 0.02."""
-    from voxreg import brain2d
+    from voxreg.apps import brain2d
 
     model = voxreg.load_model("synth2d", device="cpu")
     assert "synthetic data only" in model.metadata["data"] and "IXI" in model.metadata["data"]
@@ -506,7 +507,7 @@ def test_shipped_synth3d_registers_real_volumes_whatever_the_contrast():
     """Measured on the first 4 of val_pairs(30, 20, seed=0): Dice 0.498 -> 0.537 (same contrast)
     and 0.525 (moving inverted); on all 20 pairs 0.496 -> 0.538 / 0.524, every pair improved.
     Assert half the gain, a contrast gap within 0.02 and no folding."""
-    from voxreg import brain3d
+    from voxreg.apps import brain3d
     from voxreg.data.synthesis import invert_contrast
 
     model = voxreg.load_model("synth3d", device="cpu")

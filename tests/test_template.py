@@ -13,21 +13,19 @@ from scipy import ndimage
 
 from voxreg import io
 from voxreg import transforms as T
-from voxreg.networks import VxmDense
-from voxreg.template import (
-    ConditionalTemplate,
-    TemplateCreation,
-    TemplateTrainer,
-    load_template_model,
+from voxreg.checkpoint import load_template_model
+from voxreg.data import read_attributes
+from voxreg.evaluation import (
     mean_displacement,
     propagate_labels,
-    read_attributes,
     register_to_template,
     sharpness,
     template_dice,
     templates_at,
-    train_template,
 )
+from voxreg.nn.networks import VxmDense
+from voxreg.nn.template import ConditionalTemplate, TemplateCreation
+from voxreg.training import TemplateTrainer, train_template
 
 S = 32
 FEATURES = [[8, 16, 16], [16, 16, 16, 8]]
@@ -388,7 +386,7 @@ def test_cli_slices_stored_as_3d_files(tmp_path, one_thread):
 
 
 def test_shipped_template2d():
-    from voxreg.brain2d import load_ixi2d
+    from voxreg.apps.brain2d import load_ixi2d
     from voxreg.checkpoint import MODELS_DIR
 
     path = MODELS_DIR / "template2d.safetensors"
@@ -410,7 +408,7 @@ def test_shipped_template2d():
 
 
 def test_shipped_template3d(one_thread):
-    from voxreg.brain3d import load_ixi, subject_ids
+    from voxreg.apps.brain3d import load_ixi, subject_ids
     from voxreg.checkpoint import MODELS_DIR
 
     path = MODELS_DIR / "template3d.safetensors"

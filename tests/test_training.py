@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from voxreg.checkpoint import load_checkpoint, load_model
 from voxreg.data import ScanToScanDataset, vxm_data_generator
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
 from voxreg.training import Trainer, train
 
 SHAPE = (16, 16)

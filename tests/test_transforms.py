@@ -9,7 +9,7 @@ import scipy.ndimage as ndi
 import torch
 
 import voxreg.transforms as T
-from voxreg import layers
+from voxreg.nn import layers
 
 DTYPES = [torch.float32, torch.float64]
 SHAPES = [(23, 19), (13, 11, 15)]

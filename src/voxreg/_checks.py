@@ -7,8 +7,11 @@ deep inside torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,3 +129,19 @@ def check_shape(shape: Sequence[int], name: str = "shape") -> tuple[int, ...]:
     if len(shape) not in (2, 3) or any(s < 1 for s in shape):
         raise ValueError(f"{name} must be a sequence of 2 or 3 positive integers, got {shape!r}")
     return shape
+
+
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int`` when it is an integer (not a bool) ``>= minimum``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def non_negative(value: Any, name: str) -> float:
+    """``value`` as a ``float`` when it is a finite number ``>= 0``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -1,4 +1,11 @@
-"""Process-level tuning applied when voxreg is imported.
+"""Run-time environment: which device to run on, and opt-in process tuning.
+
+* :func:`resolve_device` turns a user's ``device`` argument (``None``/``"auto"``, ``"cpu"``,
+  ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`) into a :class:`torch.device`, the one place
+  where ``"auto"`` is decided; :func:`model_device` is the device a model's weights live on.
+* :func:`tune_allocator` is **opt-in**: importing voxreg changes no process-wide state. The
+  ``voxreg`` command calls :func:`apply_default_tuning` at start-up; a library user who wants the
+  same calls :func:`voxreg.tune_allocator` once.
 
 Large 3D registrations allocate and free buffers of tens to hundreds of megabytes at every call.
 glibc serves such blocks with ``mmap`` and returns them with ``munmap``, so each new buffer costs a
@@ -6,9 +13,10 @@ page fault per 4 KiB page when it is first touched: on a 2-core machine that ker
 half the CPU time of a 7-step 3D integration. Keeping large blocks in the heap (no ``mmap`` for
 them, and freed memory kept up to a bound instead of trimmed) removes it.
 
-This changes the allocator of the whole process, which is why it is done only on Linux with glibc,
-can be turned off with the environment variable ``VOXREG_MALLOC_TUNING=0`` (read at import), and
-keeps at most ``trim_threshold`` bytes of freed memory in the process.
+This changes the allocator of the whole process, which is why it is never done on import, only on
+Linux with glibc, can be turned off for the command with the environment variable
+``VOXREG_MALLOC_TUNING=0``, and keeps at most ``trim_threshold`` bytes of freed memory in the
+process.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ import ctypes
 import ctypes.util
 import os
 import platform
+
+import torch
+from torch import nn
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -50,6 +61,47 @@ def allocator_tuned() -> bool:
     return _state["tuned"]
 
 
-def _apply_default() -> None:
-    if os.environ.get("VOXREG_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off"):
-        tune_allocator()
+def apply_default_tuning() -> bool:
+    """What the ``voxreg`` command does at start-up: :func:`tune_allocator` unless the environment
+    variable ``VOXREG_MALLOC_TUNING`` is ``0``/``false``/``no``/``off``. Returns whether it tuned."""
+    if os.environ.get("VOXREG_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return tune_allocator()
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The :class:`torch.device` a user's ``device`` argument names.
+
+    ``None`` or ``"auto"`` picks CUDA when available, else the CPU. Anything else must name a
+    device this machine has.
+
+    Raises:
+        ValueError: for a name torch does not know (``"banana"``), or a CUDA device on a machine
+            without one (the message says which devices there are).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} asked for CUDA, but this machine has no CUDA "
+                             "device; use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    return resolved
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")

@@ -5,7 +5,7 @@ A checkpoint is ONE safetensors file:
 * tensors: the model's ``state_dict`` under ``model.<name>``; with an optimizer, every tensor of
   its ``state_dict`` under ``optim.<n>``;
 * header metadata (strings): ``format = "voxreg"``, ``format_version``, ``voxreg_version``, the
-  model's ``config`` (JSON; :func:`voxreg.networks.build_model` rebuilds the model from it),
+  model's ``config`` (JSON; :func:`voxreg.nn.build_model` rebuilds the model from it),
   user ``metadata`` (JSON), ``step``, ``epoch``, ``history`` (JSON), the optimizer's structure
   (JSON with references to its tensors) and ``sha256``, a digest of the tensor data, checked on
   load so that corruption is reported rather than silently loaded.
@@ -35,15 +35,22 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from voxreg._atomic import atomic_path
+from voxreg._runtime import resolve_device
+from voxreg._version import __version__
+from voxreg.nn.registry import build_model
+from voxreg.nn.template import TEMPLATE_CLASSES, TemplateModel
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "jsonable",
     "list_models",
     "load_checkpoint",
     "load_model",
+    "load_template_model",
     "read_checkpoint",
     "save_model",
+    "warm_start",
 ]
 
 FORMAT = "voxreg"
@@ -132,12 +139,12 @@ def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
-def _plain(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Make user metadata / history JSON-safe (numpy and torch scalars become numbers)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
@@ -185,7 +192,7 @@ def save_model(
     """Save ``model`` (and optionally an optimizer and training counters) to one file.
 
     Args:
-        model: a voxreg model: it must have a ``config`` dict (see :mod:`voxreg.networks`).
+        model: a voxreg model: it must have a ``config`` dict (see :mod:`voxreg.nn.networks`).
         path: the file to write (``.safetensors`` is appended when it has no suffix); parent
             folders are created.
         metadata: JSON-serialisable dict stored with the model (e.g. data, losses, notes).
@@ -200,7 +207,7 @@ def save_model(
     if not isinstance(config, dict) or "class" not in config:
         raise TypeError(
             "model must be a voxreg model with a .config dict holding its class name (see "
-            f"voxreg.networks.build_model); {type(model).__name__} has none"
+            f"voxreg.nn.build_model); {type(model).__name__} has none"
         )
     path = Path(path)
     if not path.suffix:
@@ -209,16 +216,16 @@ def save_model(
     header: dict[str, str] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "voxreg_version": _version(),
-        "config": _json(_plain(config)),
-        "metadata": _json(_plain(metadata or {})),
+        "voxreg_version": __version__,
+        "config": _json(jsonable(config)),
+        "metadata": _json(jsonable(metadata or {})),
     }
     if step is not None:
         header["step"] = str(int(step))
     if epoch is not None:
         header["epoch"] = str(int(epoch))
     if history is not None:
-        header["history"] = _json(_plain(history))
+        header["history"] = _json(jsonable(history))
     if optimizer is not None:
         state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
         optim_tensors: dict[str, torch.Tensor] = {}
@@ -234,15 +241,6 @@ def save_model(
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     return path
-
-
-def _version() -> str:
-    try:
-        from voxreg import __version__
-
-        return str(__version__)
-    except ImportError:  # pragma: no cover - partial installs
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,12 +335,6 @@ def _json_field(meta: dict[str, str], key: str, where: Path, default: Any = None
         raise CheckpointError(f"{where} is corrupt: metadata {key!r} is not JSON ({err})") from None
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_checkpoint(
     path_or_name: str | os.PathLike,
     device: str | torch.device | None = "cpu",
@@ -365,17 +357,15 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is corrupt: it holds no model config")
     state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     if model is None:
-        from voxreg import networks
-
         try:
-            model = networks.build_model(config)
+            model = build_model(config)
         except (TypeError, ValueError) as err:
             raise CheckpointError(
                 f"{path}: cannot rebuild its model from config {config}: {err}"
             ) from None
     else:
         own = getattr(model, "config", None)
-        if own is not None and _plain(own) != config:
+        if own is not None and jsonable(own) != config:
             raise ValueError(
                 f"model's config {own} differs from the checkpoint's {config} ({path})"
             )
@@ -383,7 +373,7 @@ def load_checkpoint(
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model: {err}") from None
-    model.to(_device(device))
+    model.to(resolve_device(device))
     optimizer_state = None
     if "optimizer" in meta:
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith(_OPTIM_PREFIX)}
@@ -422,3 +412,41 @@ def load_model(
     model.eval()
     model.metadata = checkpoint.metadata  # type: ignore[attr-defined]
     return model
+
+
+def load_template_model(path_or_name: str | os.PathLike,
+                        device: str | torch.device | None = "cpu") -> TemplateModel:
+    """Load a template model saved with :func:`save_model` (a file, or the
+    name of a shipped model such as ``"template2d"``); eval mode, ``.metadata`` attached."""
+    meta, _, path = read_checkpoint(path_or_name)
+    config = json.loads(meta.get("config", "{}"))
+    if config.get("class") not in TEMPLATE_CLASSES:
+        raise ValueError(f"{str(path)!r} holds a {config.get('class')!r} model, not a template "
+                         f"model ({', '.join(sorted(TEMPLATE_CLASSES))})")
+    checkpoint = load_checkpoint(path, device=device, model=build_model(config))
+    model = checkpoint.model
+    model.eval()
+    model.metadata = checkpoint.metadata  # type: ignore[attr-defined]
+    return model  # type: ignore[return-value]
+
+
+def warm_start(model: nn.Module, source: str | os.PathLike | nn.Module) -> int:
+    """Copy into ``model`` every weight of ``source`` (a checkpoint path, a shipped model name or
+    a module) whose name and shape match; returns how many tensors were copied.
+
+    Used to start a diffeomorphic model from a plain one (the UNet and flow head are the same
+    layers, and for small deformations the velocity that integrates to a displacement is close to
+    that displacement), or a template's registration network from a pairwise model.
+
+    Raises:
+        ValueError: when no weight of ``source`` matches.
+    """
+    other = source if isinstance(source, nn.Module) else load_model(source)
+    theirs = other.state_dict()
+    mine = model.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not copied:
+        raise ValueError(f"warm start: no weight of {source!r} matches the model's")
+    mine.update(copied)
+    model.load_state_dict(mine)
+    return len(copied)

@@ -13,13 +13,31 @@ import glob as globlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
+import torch
 
 import voxreg
+from voxreg import io, metrics
 from voxreg._atomic import atomic_path
+from voxreg._runtime import apply_default_tuning
+from voxreg.affine import affine_prealign, register_affine
+from voxreg.checkpoint import CheckpointError, list_models, load_checkpoint, load_model
+from voxreg.data import ScanToAtlasDataset, ScanToScanDataset, read_attributes
+from voxreg.data.synthesis import LabelSynthesis, SynthPairDataset
+from voxreg.evaluation import sharpness, templates_at
+from voxreg.nn.networks import VxmDense
+from voxreg.registration import finetune as run_finetune
+from voxreg.registration import model_ndim
+from voxreg.registration import register as run_register
+from voxreg.training import train as run_train
+from voxreg.training import train_template
+from voxreg.training.engine import CHECKPOINT_NAME
+from voxreg.transforms import compose, warp
 
 NORMALIZE_HELP = (
     "intensity normalisation to [0, 1]: 'percentile' clips to the 0.5th-99.5th percentiles then "
@@ -31,8 +49,6 @@ _DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from voxreg.checkpoint import CheckpointError
-
     return (FileNotFoundError, ValueError, TypeError, OSError, CheckpointError, ImportError)
 
 
@@ -107,8 +123,6 @@ def cli(debug: bool) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -129,8 +143,6 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 
 
 def _load_model(name: str, device: str):
-    from voxreg.checkpoint import load_model
-
     return load_model(name, device=device)
 
 
@@ -155,8 +167,6 @@ def _fit_rank(image, model_ndim: int, what: str):
 
 
 def _grid_error(a, b, a_name: str, b_name: str) -> str:
-    import numpy as np
-
     if a.shape != b.shape:
         what = f"shapes {a.shape} and {b.shape} differ"
     else:
@@ -167,8 +177,6 @@ def _grid_error(a, b, a_name: str, b_name: str) -> str:
 def _onto_grid(image, fixed, name: str, fixed_name: str, resample: bool, interp: str):
     """``image`` on ``fixed``'s grid: as it is when the grids match, resampled with ``--resample``,
     else a clear error."""
-    from voxreg import io
-
     if io.same_grid(image, fixed):
         return image
     if not resample:
@@ -180,8 +188,6 @@ def _onto_grid(image, fixed, name: str, fixed_name: str, resample: bool, interp:
 
 
 def _prepare_pair(moving_path, fixed_path, resample: bool, normalize: str, model_ndim: int):
-    from voxreg import io
-
     fixed = io.load_image(fixed_path)
     moving = _onto_grid(io.load_image(moving_path), fixed, "moving", "fixed", resample, "linear")
     moving.data = io.normalize(moving.data, normalize)
@@ -200,9 +206,6 @@ def _affine_step(moving_path, fixed_path, normalize: str, model_ndim: int, loss:
     """``register --affine``: ``(moved_affine, fixed, base, result)``, the first three normalised
     on the fixed grid (``base``: the moving image resampled through the headers only, which the
     composed field pulls back)."""
-    from voxreg import io
-    from voxreg.affine import affine_prealign
-
     fixed = io.load_image(fixed_path)
     moving = io.load_image(moving_path)
     _fit_rank(moving, model_ndim, "moving image")
@@ -285,13 +288,6 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
     and --inverse-warp / --moved-fixed refer to that resampled image). With --finetune the
     network's field is refined on this pair (voxreg.registration.finetune).
     """
-    import warnings
-
-    from voxreg import io
-    from voxreg.registration import finetune as run_finetune
-    from voxreg.registration import model_ndim
-    from voxreg.registration import register as run_register
-
     inputs = (moving, fixed) + ((model_name,) if Path(model_name).is_file() else ())
     for path, what in ((moving, "moving image"), (fixed, "fixed image")):
         if not Path(path).exists():
@@ -340,10 +336,6 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
         click.echo(f"warning: {_one_line_text(warning.message)}", err=True)
     moved, disp, seconds = result
     if affine_result is not None:
-        import torch
-
-        from voxreg.transforms import compose, warp
-
         deformable = torch.as_tensor(disp, dtype=torch.float32).cpu()
         deformable = deformable.reshape(1, ndim, *deformable.shape[-ndim:])
         disp = compose(affine_result.disp(), deformable)
@@ -401,12 +393,6 @@ def warp_command(image, warp_path, out, interp, normalize, resample):
     The output lies on the warp's (fixed) grid with its affine. IMAGE must be on that grid (as the
     moving image was when it was registered) unless --resample is given.
     """
-    import numpy as np
-    import torch
-
-    from voxreg import io
-    from voxreg.transforms import warp
-
     for path, what in ((image, "image"), (warp_path, "warp")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
@@ -479,8 +465,6 @@ def _fmt(value: Any) -> Any:
 
 
 def _mean_sd(values: list[float]) -> str:
-    import numpy as np
-
     finite = np.array([v for v in values if isinstance(v, float) and math.isfinite(v)])
     if finite.size == 0:
         return "nan"
@@ -511,14 +495,6 @@ def eval_command(model_name, pairs, out, labels, no_hd95, resample, normalize, d
     of log det J, and the seconds per pair. Writes a per-pair CSV and a per-structure CSV and
     prints a summary (mean ± sd over pairs).
     """
-    import numpy as np
-    import torch
-
-    from voxreg import io, metrics
-    from voxreg.registration import model_ndim
-    from voxreg.registration import register as run_register
-    from voxreg.transforms import warp
-
     pairs_path = Path(pairs)
     rows = _read_pairs(pairs_path)
     wanted = _int_list(labels, "--labels")
@@ -691,15 +667,6 @@ def train(images, list_file, pattern, atlas, out_dir, enc, dec, int_steps, int_d
     labels (semi-supervised). With --synth, the model is trained on synthetic pairs only
     (SynthMorph): random label maps and random-contrast images, Dice loss on the labels.
     """
-    import numpy as np
-
-    from voxreg import io
-    from voxreg.checkpoint import load_checkpoint
-    from voxreg.data import ScanToAtlasDataset, ScanToScanDataset
-    from voxreg.networks import VxmDense
-    from voxreg.training import CHECKPOINT_NAME
-    from voxreg.training import train as run_train
-
     def gather_segs() -> list[str]:
         found = list(seg_paths)
         if seg_list is not None:
@@ -857,8 +824,6 @@ def train(images, list_file, pattern, atlas, out_dir, enc, dec, int_steps, int_d
         "created_by": "voxreg train",
     }
     if synth:
-        from voxreg.data.synthesis import LabelSynthesis, SynthPairDataset
-
         steps_per_epoch = steps_per_epoch or 100
         dataset = SynthPairDataset(
             grid_shape, pairs_per_epoch=steps_per_epoch * batch_size, seed=seed,
@@ -946,9 +911,6 @@ def affine_command(moving, fixed, moved_out, transform_out, loss, labels_in, mov
     The images may lie on different grids: their affines place them in the world and the
     result is written on the fixed grid with the fixed image's affine. Prints the seconds taken.
     """
-    from voxreg import io
-    from voxreg.affine import register_affine
-
     inputs = [moving, fixed]
     for path, what in ((moving, "moving image"), (fixed, "fixed image"), (labels_in, "--labels")):
         if path is not None and not Path(path).exists():
@@ -1019,17 +981,17 @@ def demo(out_dir, quick):
     import inspect
 
     try:
-        tutorials = importlib.import_module("voxreg.tutorials")
+        tutorials = importlib.import_module("voxreg.apps.tutorial")
     except ModuleNotFoundError as err:
-        if err.name not in ("voxreg.tutorials",):
+        if err.name not in ("voxreg.apps.tutorial",):
             raise
         raise ValueError(
-            "the demo needs voxreg.tutorials (the MNIST tutorial), which this installation "
+            "the demo needs voxreg.apps.tutorial (the MNIST tutorial), which this installation "
             "does not have yet"
         ) from None
     tutorial = getattr(tutorials, "mnist_tutorial", None)
     if tutorial is None:
-        raise ValueError("voxreg.tutorials has no mnist_tutorial(); this installation is incomplete")
+        raise ValueError("voxreg.apps.tutorial has no mnist_tutorial(); this installation is incomplete")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out_dir!r} is a file, not a folder")
@@ -1053,8 +1015,6 @@ def demo(out_dir, quick):
 @cli.command()
 def models():
     """List the models shipped with voxreg (usable as --model NAME)."""
-    from voxreg.checkpoint import list_models
-
     names = list_models()
     if not names:
         click.echo("no shipped models in this installation (give --model a checkpoint file)")
@@ -1143,11 +1103,6 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
     --attribute, a conditional template: mean image + a decoder of the attributes (e.g. age).
     All images must share one grid (shape and affine).
     """
-    import numpy as np
-
-    from voxreg import io
-    from voxreg import template as tpl
-
     paths = _gather_images(images, list_file, pattern)
     if len(paths) < 2:
         raise ValueError("a template needs at least 2 images")
@@ -1210,9 +1165,9 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
         return data[..., 0] if flat else data
 
     stack = np.stack([loader(p) for p in paths])
-    attrs = tpl.read_attributes(attributes_csv, columns, paths) if columns else None
+    attrs = read_attributes(attributes_csv, columns, paths) if columns else None
     dev = _device(device)
-    checkpoint = run / tpl.CHECKPOINT_NAME
+    checkpoint = run / CHECKPOINT_NAME
     if resume:
         click.echo(f"resuming from {checkpoint}" if checkpoint.exists()
                    else f"no {checkpoint} yet: starting a new run")
@@ -1222,7 +1177,7 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
         "attributes": columns or None, "grid_affine": np.asarray(first.affine).tolist(),
         "created_by": "voxreg template",
     }
-    model, history = tpl.train_template(
+    model, history = train_template(
         stack, attrs, attribute_names=columns or None, nb_features=features,
         int_steps=int_steps, int_downsize=int_downsize, out_dir=run, resume=bool(resume),
         init_seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
@@ -1236,9 +1191,9 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
                       header=first.header)
 
     if columns:
-        write(out_path, tpl.templates_at(model, [model.attribute_center])[0])
+        write(out_path, templates_at(model, [model.attribute_center])[0])
         for path, value in zip(extra_outputs, at):
-            write(path, tpl.templates_at(model, [value])[0])
+            write(path, templates_at(model, [value])[0])
     else:
         write(out_path, model.template_image())
     if history:
@@ -1247,8 +1202,8 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
                    f"mean displacement {last.get('mean_disp_rms', float('nan')):.3g} voxels (RMS)")
     mean_image = stack.mean(0)
     if not columns:
-        click.echo(f"sharpness (RMS gradient): template {tpl.sharpness(model.template_image()):.4g},"
-                   f" voxel-wise mean {tpl.sharpness(mean_image):.4g}")
+        click.echo(f"sharpness (RMS gradient): template {sharpness(model.template_image()):.4g},"
+                   f" voxel-wise mean {sharpness(mean_image):.4g}")
     click.echo(f"template: {out_path}")
     for path in extra_outputs:
         click.echo(f"template: {path}")
@@ -1256,6 +1211,9 @@ def template_command(images, out, list_file, pattern, run_dir, epochs, steps_per
 
 
 def main() -> None:
+    """The ``voxreg`` command: process tuning (``VOXREG_MALLOC_TUNING=0`` turns it off), then the
+    command group."""
+    apply_default_tuning()
     cli()
 
 

@@ -40,9 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
+import torch
 
 from voxreg._atomic import atomic_path
+from voxreg.transforms import disp_from_world, disp_to_world, warp
 
 __all__ = [
     "Image",
@@ -155,8 +158,6 @@ def _read(path: Path, key: str | None, prefer: tuple[str, ...], vector: bool = F
     _check_exists(path)
     try:
         if ext in _NIBABEL:
-            import nibabel as nib
-
             img = nib.load(str(path))
             data = np.asarray(img.dataobj)
             affine = np.asarray(img.affine, dtype=np.float64)
@@ -254,8 +255,6 @@ def read_grid(path: str | os.PathLike, key: str | None = None) -> tuple[tuple[in
     if ext in _NIBABEL:
         _check_exists(path)
         try:
-            import nibabel as nib
-
             img = nib.load(str(path))
             shape = tuple(int(s) for s in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
@@ -346,10 +345,6 @@ def resample_to(
     Returns:
         An :class:`Image` on the fixed grid with the fixed affine (and the fixed header).
     """
-    import torch
-
-    from voxreg.transforms import warp
-
     if moving.ndim != fixed.ndim:
         raise ValueError(f"cannot resample a {moving.ndim}D image onto a {fixed.ndim}D grid")
     ndim = fixed.ndim
@@ -460,8 +455,6 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def _nibabel_image(path: Path, data: np.ndarray, affine: np.ndarray, header: Any):
-    import nibabel as nib
-
     ext = format_of(path)
     if ext in (".mgz", ".mgh"):
         if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
@@ -567,10 +560,6 @@ def save_warp(
     The NIfTI is 5D ``(*spatial, 1, ndim)`` (2D fields: ``(X, Y, 1, 1, 2)``), float32, intent
     ``vector``.
     """
-    import torch
-
-    from voxreg.transforms import disp_to_world
-
     path = Path(path)
     ext = format_of(path)
     disp = _as_disp(disp)
@@ -602,7 +591,6 @@ def save_warp(
         vector = vector[:, :, None, None, :]
     else:
         vector = vector[:, :, :, None, :]
-    import nibabel as nib
 
     hdr = header.copy() if isinstance(header, nib.Nifti1Header) and type(header) is nib.Nifti1Header \
         else None
@@ -625,10 +613,6 @@ def load_warp(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     ``intent_name`` says which); another NIfTI vector image is taken to be an ANTs/ITK field
     (LPS mm); ``.npz`` (key ``disp``) and ``.npy`` hold voxels.
     """
-    import torch
-
-    from voxreg.transforms import disp_from_world
-
     path = Path(path)
     ext = format_of(path)
     if ext in (".npz", ".npy"):

@@ -13,8 +13,9 @@ field alone: ``Grad("l2")(disp)`` equals ``Grad("l2").loss(None, disp)``.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__ = [
     "mse",
     "mutual_information",
     "ncc",
+    "resolve_loss",
     "weighted_sum",
 ]
 
@@ -451,3 +453,44 @@ class LossSum(nn.Module):
         terms = [fn(t, p) for fn, t, p in zip(self.losses, y_true, y_pred)]
         total = weighted_sum(terms, self.weights)
         return (total, terms) if return_terms else total
+
+
+def resolve_loss(loss: str | Callable[[Tensor, Tensor], Tensor],
+                 loss_mult: float | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """A loss callable ``(y_true, y_pred) -> scalar`` from a callable or a name.
+
+    Names: ``"mse"``, ``"ncc"``, ``"mi"``/``"mutual_information"``, ``"dice"``,
+    ``"grad"``/``"l2"`` (``Grad("l2")``), ``"l1"`` (``Grad("l1")``),
+    ``"bending"``/``"bending_energy"``. ``loss_mult`` is passed to ``Grad`` when it accepts it
+    (VoxelMorph scales the gradient of a downsampled velocity by ``int_downsize``).
+    """
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"a loss must be a callable or a name, got {type(loss).__name__}")
+    name = loss.lower().replace("-", "_")
+    simple: dict[str, type[nn.Module]] = {
+        "mse": MSE,
+        "ncc": NCC,
+        "mi": MutualInformation,
+        "mutual_information": MutualInformation,
+        "dice": Dice,
+        "bending": BendingEnergy,
+        "bending_energy": BendingEnergy,
+    }
+    if name in simple:
+        return simple[name]()
+    penalties = {"grad": "l2", "l2": "l2", "grad_l2": "l2", "l1": "l1", "grad_l1": "l1"}
+    if name in penalties:
+        grad = Grad
+        if loss_mult is not None and loss_mult != 1:
+            try:
+                params = inspect.signature(grad).parameters
+            except (TypeError, ValueError):
+                params = {}
+            if "loss_mult" in params:
+                return grad(penalties[name], loss_mult=loss_mult)
+        return grad(penalties[name])
+    raise ValueError(
+        f"unknown loss name {loss!r}; known: mse, ncc, mi, dice, grad (l2), l1, bending"
+    )

@@ -13,6 +13,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from scipy import ndimage
+
+from voxreg.transforms import jacobian_determinant
 
 __all__ = ["dice", "hausdorff95", "jacobian_stats", "mean_dice"]
 
@@ -65,8 +69,6 @@ def mean_dice(labels_a: Any, labels_b: Any, labels: Iterable[int] | None = None)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
 
@@ -93,8 +95,6 @@ def hausdorff95(
     Returns:
         The distance in the units of ``spacing``; ``nan`` if the label is missing from either map.
     """
-    from scipy import ndimage
-
     a, b = _label_pair(labels_a, labels_b)
     mask_a, mask_b = a == label, b == label
     if spacing is None:
@@ -129,10 +129,6 @@ def jacobian_stats(disp: Any, mask: Any = None) -> dict[str, float]:
         Jacobian of ``x -> x + disp(x)`` by finite differences
         (:func:`voxreg.transforms.jacobian_determinant`).
     """
-    import torch
-
-    from voxreg.transforms import jacobian_determinant
-
     field = _array(disp, "disp").astype(np.float64)
     if field.ndim >= 4 and field.shape[0] == 1 and field.shape[1] == field.ndim - 2:
         field = field[0]

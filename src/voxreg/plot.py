@@ -30,6 +30,7 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 from voxreg._atomic import atomic_path
+from voxreg.transforms import jacobian_determinant
 
 __all__ = [
     "flow",
@@ -529,8 +530,6 @@ def jacobian(
     Returns:
         The figure; one image axes per field, each followed by its colorbar axes.
     """
-    from voxreg.transforms import jacobian_determinant
-
     fields = _disp_list(disp, "disp")
     fold_rgba = mcolors.to_rgba(fold_color)
     panels = []

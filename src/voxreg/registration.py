@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from voxreg import losses as L
 from voxreg import transforms as T
@@ -441,7 +442,7 @@ def register(
     """Register ``moving`` to ``fixed`` with a trained model.
 
     Args:
-        model: a registration model (e.g. :class:`voxreg.networks.VxmDense`, or
+        model: a registration model (e.g. :class:`voxreg.nn.networks.VxmDense`, or
             :func:`voxreg.checkpoint.load_model`'s result) mapping ``(moving, fixed)`` to
             ``(moved, ..., disp)``; it must know its spatial rank (``inshape``).
         moving, fixed: numpy arrays or tensors, ``(*spatial)``, ``(C, *spatial)`` or
@@ -665,8 +666,6 @@ def finetune(
         per step). ``seconds_per_pair``: prediction, optimisation and the final warp, per pair
         (not the inverse).
     """
-    from tqdm.auto import tqdm
-
     _check_model(model)
     _check_finetune_options(steps, lr, lambda_, tol, window, optimize)
     _check_inverse_options(inverse_iterations, inverse_tolerance)

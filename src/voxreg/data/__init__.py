@@ -5,7 +5,9 @@
   and the VoxelMorph-tutorial-style generator :func:`vxm_data_generator`
   (:mod:`voxreg.data.generators`);
 * SynthMorph-style synthetic pairs: :class:`SynthPairDataset`, :func:`synth_label_maps`,
-  :func:`synth_images`, :func:`synth_pair` (:mod:`voxreg.data.synthesis`).
+  :func:`synth_images`, :func:`synth_pair` (:mod:`voxreg.data.synthesis`);
+* per-image attributes from CSV tables: :func:`read_attributes`, :func:`image_id`
+  (:mod:`voxreg.data.tables`).
 """
 
 from voxreg.data.generators import (
@@ -24,6 +26,7 @@ from voxreg.data.synthesis import (
     synth_label_maps,
     synth_pair,
 )
+from voxreg.data.tables import image_id, read_attributes
 
 __all__ = [
     "ImageSource",
@@ -34,8 +37,10 @@ __all__ = [
     "SynthPairDataset",
     "evaluation_pairs",
     "find_mnist",
+    "image_id",
     "load_mnist",
     "prepare_digits",
+    "read_attributes",
     "synth_images",
     "synth_label_maps",
     "synth_pair",

@@ -56,7 +56,6 @@ __all__ = [
     "synth_images",
     "synth_label_maps",
     "synth_pair",
-    "synthetic_dice",
     "warp_labels",
 ]
 
@@ -656,36 +655,3 @@ def invert_contrast(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise ValueError(f"images {images.shape} and labels {labels.shape} must have the same "
                          "shape")
     return np.where(labels > 0, 1.0 - images, 0.0).astype(np.float32)
-
-
-def synthetic_dice(model: torch.nn.Module, dataset: SynthPairDataset,
-                   batch_size: int = 8) -> tuple[float, float]:
-    """Mean Dice (over the labels present in both maps, mean over pairs) before and after
-    ``model`` registers every pair of ``dataset``; the moving labels are warped with
-    nearest-neighbour interpolation.
-
-    Args:
-        model: ``(moving, fixed) -> (moved, disp)`` with ``registration=True`` (a VxmDense).
-        dataset: the pairs (e.g. a :class:`SynthPairDataset` with a held-out seed).
-        batch_size: pairs per forward pass.
-
-    Returns:
-        ``(dice_before, dice_after)``.
-    """
-    from voxreg.metrics import mean_dice_present
-
-    device = next(model.parameters()).device
-    before: list[float] = []
-    after: list[float] = []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        with torch.no_grad():
-            _, disp = model(batch["moving"].to(device), batch["fixed"].to(device),
-                            registration=True)
-        moved = T.warp(batch["moving_seg"].to(device), disp, interp="nearest").cpu()
-        for fixed, moving, warped in zip(batch["fixed_seg"][:, 0].numpy(),
-                                         batch["moving_seg"][:, 0].numpy(), moved[:, 0].numpy()):
-            before.append(mean_dice_present(fixed, moving))
-            after.append(mean_dice_present(fixed, warped))
-    return float(np.mean(before)), float(np.mean(after))

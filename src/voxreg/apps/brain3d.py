@@ -1,6 +1,6 @@
 """3D brain registration on IXI volumes (the seed's part 3): a first model trained on CPU.
 
-A :class:`~voxreg.networks.VxmDense` model (plain displacement, ``int_steps=0``) with the
+A :class:`~voxreg.nn.networks.VxmDense` model (plain displacement, ``int_steps=0``) with the
 VoxelMorph features ``[[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]`` is trained
 subject-to-subject on the 121 training volumes of ``ixi/`` (96x112x96 at 2 mm, affinely aligned
 to MNI152) with ``MSE + lambda * Grad("l2")``, Adam, batch 1. The run lives in one folder
@@ -30,14 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from voxreg import registration
+from voxreg import plot, registration
 from voxreg import transforms as T
-from voxreg.data import evaluation_pairs
+from voxreg.checkpoint import load_checkpoint, load_model
+from voxreg.data import ScanToScanDataset, evaluation_pairs
 from voxreg.data.locate import shared_data, shared_data_candidates
+from voxreg.io import load_image, load_labels
 from voxreg.metrics import mean_dice_present
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
+from voxreg.training import train
+from voxreg.training.engine import CHECKPOINT_NAME
 
 __all__ = [
     "DATA_CREDIT",
@@ -102,8 +107,6 @@ def label_path(sid: str, path: str | os.PathLike | None = None) -> Path:
 
 def load_volume(sid: str, path: str | os.PathLike | None = None) -> np.ndarray:
     """One IXI image as float32 in [0, 1] (the stored uint8 / 255)."""
-    from voxreg.io import load_image
-
     data = load_image(image_path(sid, path)).data
     return (np.asarray(data, dtype=np.float32) / 255.0).astype(np.float32)
 
@@ -112,8 +115,6 @@ def load_ixi(split: str = "train", path: str | os.PathLike | None = None, labels
              ids: Sequence[str] | None = None) -> dict[str, Any]:
     """``{"ids", "images"[, "labels"]}`` of one split: images ``(N, 96, 112, 96)`` float32 in
     [0, 1], labels uint8 DLMUSE codes of the same shape (``ids`` picks subjects)."""
-    from voxreg.io import load_labels
-
     ids = list(subject_ids(split, path) if ids is None else ids)
     images = np.stack([load_volume(s, path) for s in ids])
     out: dict[str, Any] = {"ids": ids, "images": images}
@@ -154,8 +155,6 @@ def warm_start(model: VxmDense, source: str | os.PathLike | nn.Module) -> int:
     integrates to a displacement is close to that displacement, so the copied head is a good
     first guess of the velocity; training then adapts it.
     """
-    from voxreg.checkpoint import load_model
-
     other = source if isinstance(source, nn.Module) else load_model(source)
     theirs = other.state_dict()
     mine = model.state_dict()
@@ -224,10 +223,6 @@ def train_brain3d(
     Returns:
         ``(model, history)``: the trained model (eval mode) and the per-epoch history.
     """
-    from voxreg.checkpoint import load_checkpoint
-    from voxreg.data import ScanToScanDataset
-    from voxreg.training import CHECKPOINT_NAME, train
-
     if threads is not None:
         torch.set_num_threads(int(threads))
     out_dir = Path(out_dir)
@@ -416,13 +411,6 @@ def figures(model: nn.Module, moving: np.ndarray, fixed: np.ndarray, moving_labe
     axes of moving, fixed and moved, :func:`voxreg.plot.volume_slices`) and
     ``{prefix}_seg.png`` (the warped moving segmentation over the fixed image along each axis,
     :func:`voxreg.plot.overlay`, label colormap). Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from voxreg import plot
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     moved, disp, _ = register_pair(model, moving, fixed)
@@ -432,12 +420,11 @@ def figures(model: nn.Module, moving: np.ndarray, fixed: np.ndarray, moving_labe
     fig = plot.volume_slices([moving, fixed, moved[0, 0].numpy()],
                              titles=["moving", "fixed", "moved"], width=width)
     fig.savefig(slices_png, dpi=80)
-    plt.close(fig)
     seg_png = out_dir / f"{prefix}_seg.png"
-    fig, axes = plt.subplots(1, 3, figsize=(width, width / 3 + 0.4))
+    fig = Figure(figsize=(width, width / 3 + 0.4))
+    axes = fig.subplots(1, 3)
     for axis, ax in enumerate(axes):
         plot.overlay(fixed, moved_seg, axis=axis, ax=ax, title=f"warped labels, axis {axis}")
     fig.tight_layout()
     fig.savefig(seg_png, dpi=80)
-    plt.close(fig)
     return [slices_png, seg_png]

@@ -52,7 +52,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxreg.checkpoint import _plain
+from voxreg import plot
+from voxreg.checkpoint import jsonable, load_checkpoint, load_model, save_model
+from voxreg.data import ScanToScanDataset, load_mnist, prepare_digits
+from voxreg.nn.networks import VxmDense
+from voxreg.registration import model_ndim, register
+from voxreg.training import Trainer
+from voxreg.training.engine import HISTORY_NAME, MODEL_NAME
+from voxreg.transforms import folding_fraction
 
 __all__ = ["MNIST_FEATURES", "mnist_model", "mnist_tutorial", "save_tutorial_model"]
 
@@ -68,8 +75,6 @@ _CASES = {
 
 def mnist_model(seed: int | None = 0) -> nn.Module:
     """The seed tutorial's model, freshly initialised (``torch.manual_seed(seed)`` first)."""
-    from voxreg.networks import VxmDense
-
     if seed is not None:
         torch.manual_seed(int(seed))
     return VxmDense(inshape=(32, 32), nb_features=MNIST_FEATURES, int_steps=0)
@@ -85,8 +90,6 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _register_all(model: nn.Module, moving: np.ndarray, fixed: np.ndarray, chunk: int = 256):
     """Register ``(N, H, W)`` stacks in chunks; ``moved (N, H, W)``, ``disp (N, 2, H, W)``, s/pair."""
-    from voxreg.registration import register
-
     moved, disp, seconds = [], [], 0.0
     for start in range(0, len(moving), chunk):
         result = register(model, moving[start:start + chunk, None], fixed[start:start + chunk, None],
@@ -98,8 +101,6 @@ def _register_all(model: nn.Module, moving: np.ndarray, fixed: np.ndarray, chunk
 
 
 def _evaluate(model: nn.Module, moving: np.ndarray, fixed: np.ndarray) -> dict[str, Any]:
-    from voxreg.transforms import folding_fraction
-
     moved, disp, seconds = _register_all(model, moving, fixed)
     before = ((moving - fixed) ** 2).reshape(len(moving), -1).mean(1)
     after = ((moved - fixed) ** 2).reshape(len(moving), -1).mean(1)
@@ -121,8 +122,6 @@ def _evaluate(model: nn.Module, moving: np.ndarray, fixed: np.ndarray) -> dict[s
 
 def _figures(case: str, title: str, moving, fixed, moved, disp, out_dir: Path,
              examples: int) -> dict[str, str]:
-    from voxreg import plot
-
     k = min(examples, len(moving))
     images, titles = [], []
     for i in range(k):
@@ -200,12 +199,6 @@ def mnist_tutorial(
         FileNotFoundError: MNIST was not found (the message says where it looked and how to
             get it).
     """
-    from voxreg import plot
-    from voxreg.checkpoint import load_model
-    from voxreg.data import ScanToScanDataset, load_mnist, prepare_digits
-    from voxreg.registration import model_ndim
-    from voxreg.training import HISTORY_NAME, MODEL_NAME, Trainer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
@@ -352,7 +345,7 @@ def mnist_tutorial(
                 f"folding {numbers['folding_percent']:.3f}%")
         results["figures"] = figures
         results["results_json"] = str(out / "results.json")
-        results = _plain(results)
+        results = jsonable(results)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         say(f"results: {out / 'results.json'}")
         return results
@@ -375,8 +368,6 @@ def save_tutorial_model(
     Returns:
         The path written.
     """
-    from voxreg.checkpoint import load_checkpoint, save_model
-
     if not results.get("model_file") or not results.get("training"):
         raise ValueError("results must come from a training run of mnist_tutorial (model=None)")
     checkpoint = load_checkpoint(results["model_file"])
@@ -390,7 +381,7 @@ def save_tutorial_model(
         "name": "mnist",
         "description": "VoxelMorph MNIST tutorial model: scan-to-scan registration of 32x32 "
                        "MNIST fives (VxmDense, int_steps=0), trained by "
-                       "voxreg.tutorials.mnist_tutorial",
+                       "voxreg.apps.tutorial.mnist_tutorial",
         "data": results["data"],
         "training": training,
         "evaluation": cases,
@@ -399,6 +390,6 @@ def save_tutorial_model(
     written = save_model(checkpoint.model, path, metadata=metadata, step=checkpoint.step,
                          epoch=checkpoint.epoch, history=checkpoint.history)
     if sidecar:
-        Path(written).with_suffix(".json").write_text(json.dumps(_plain(metadata), indent=2) + "\n")
+        Path(written).with_suffix(".json").write_text(json.dumps(jsonable(metadata), indent=2) + "\n")
     return Path(written)
 

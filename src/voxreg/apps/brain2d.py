@@ -1,6 +1,6 @@
 """2D brain registration on IXI axial slices (the seed's "2D brain" section).
 
-Two :class:`~voxreg.networks.VxmDense` models (plain displacement, ``int_steps=0``) are trained
+Two :class:`~voxreg.nn.networks.VxmDense` models (plain displacement, ``int_steps=0``) are trained
 subject-to-subject on the 121 axial training slices of ``ixi2d.npz`` with
 ``MSE + lambda * Grad("l2")``: ``"smooth"`` (``lambda = 0.01``) and ``"no smooth"``
 (``lambda = 0``). They ship as ``brain2d-smooth`` and ``brain2d-nosmooth``
@@ -25,16 +25,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import Tensor, nn
 
-from voxreg import registration
+from voxreg import plot, registration
 from voxreg import transforms as T
-from voxreg.data import evaluation_pairs
+from voxreg.checkpoint import load_checkpoint
+from voxreg.data import ScanToScanDataset, evaluation_pairs
 from voxreg.data.locate import shared_data, shared_data_candidates
 from voxreg.metrics import mean_dice_present
-from voxreg.networks import VxmDense
+from voxreg.nn.networks import VxmDense
+from voxreg.training import train
+from voxreg.training.engine import CHECKPOINT_NAME
 
 __all__ = [
     "DATA_CREDIT",
@@ -159,9 +164,6 @@ def train_brain2d(
     Returns:
         ``(model, history)``: the trained model (eval mode) and the per-epoch history.
     """
-    from voxreg.data import ScanToScanDataset
-    from voxreg.training import CHECKPOINT_NAME, train
-
     if not isinstance(data, Mapping):
         data = load_ixi2d(data)
     images = np.asarray(data["train_images"], dtype=np.float32)
@@ -196,8 +198,6 @@ def train_brain2d(
     history: list[dict[str, Any]] = []
     done = 0
     if (out_dir / CHECKPOINT_NAME).is_file():
-        from voxreg.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME, model=model)
         done, history = int(ckpt.epoch or 0), list(ckpt.history or [])
     slowest = 0.0
@@ -347,8 +347,6 @@ def _rot90_disp(disp: np.ndarray) -> np.ndarray:
 
 
 def _figure_pixels(fig) -> np.ndarray:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -370,10 +368,6 @@ def compare_figure(
     Slices are shown anterior up (``numpy.rot90``), the fields rotated with them and drawn at
     every 3rd voxel, arrows ``flow_scale`` times their length in voxels.
     """
-    import matplotlib.image
-
-    from voxreg import plot
-
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     images = np.asarray(images, dtype=np.float32)
     moved_s, disp_s = register_pairs(smooth, images, pairs)

@@ -35,7 +35,6 @@ curves), ``checkpoint.safetensors`` (model, optimizer, counters and history, eve
 
 from __future__ import annotations
 
-import csv
 import inspect
 import math
 import os
@@ -51,75 +50,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
+from tqdm.auto import tqdm
 
+from voxreg import losses as L
 from voxreg import transforms as T
-from voxreg._atomic import atomic_path
-from voxreg.checkpoint import load_checkpoint, save_model
+from voxreg._runtime import resolve_device
+from voxreg.checkpoint import save_model
+from voxreg.losses import resolve_loss
+from voxreg.training.engine import (
+    CHECKPOINT_NAME,
+    HISTORY_NAME,
+    MODEL_NAME,
+    PLOT_NAME,
+    budget_spent,
+    epoch_seed,
+    plot_history,
+    restore,
+    write_history,
+)
 
-__all__ = ["Trainer", "resolve_loss", "train"]
+__all__ = ["Trainer", "train"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-MODEL_NAME = "model.safetensors"
-HISTORY_NAME = "history.csv"
-PLOT_NAME = "loss.png"
-
-
-# --------------------------------------------------------------------------------------------
-# losses by name
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_loss(loss: str | LossFn, loss_mult: float | None = None) -> LossFn:
-    """A loss callable ``(y_true, y_pred) -> scalar`` from a callable or a name.
-
-    Names: ``"mse"``, ``"ncc"``, ``"mi"``/``"mutual_information"``, ``"dice"``,
-    ``"grad"``/``"l2"`` (``Grad("l2")``), ``"l1"`` (``Grad("l1")``),
-    ``"bending"``/``"bending_energy"``. ``loss_mult`` is passed to ``Grad`` when it accepts it
-    (VoxelMorph scales the gradient of a downsampled velocity by ``int_downsize``).
-    """
-    if callable(loss):
-        return loss
-    if not isinstance(loss, str):
-        raise TypeError(f"a loss must be a callable or a name, got {type(loss).__name__}")
-    from voxreg import losses as L
-
-    name = loss.lower().replace("-", "_")
-    simple = {
-        "mse": "MSE",
-        "ncc": "NCC",
-        "mi": "MutualInformation",
-        "mutual_information": "MutualInformation",
-        "dice": "Dice",
-        "bending": "BendingEnergy",
-        "bending_energy": "BendingEnergy",
-    }
-    if name in simple:
-        return getattr(L, simple[name])()
-    penalties = {"grad": "l2", "l2": "l2", "grad_l2": "l2", "l1": "l1", "grad_l1": "l1"}
-    if name in penalties:
-        grad = L.Grad
-        if loss_mult is not None and loss_mult != 1:
-            try:
-                params = inspect.signature(grad).parameters
-            except (TypeError, ValueError):
-                params = {}
-            if "loss_mult" in params:
-                return grad(penalties[name], loss_mult=loss_mult)
-        return grad(penalties[name])
-    raise ValueError(
-        f"unknown loss name {loss!r}; known: mse, ncc, mi, dice, grad (l2), l1, bending"
-    )
 
 
 def _field_loss(fn: LossFn) -> LossFn:
     """Let the functional regularisers ``losses.grad(disp)`` / ``losses.bending_energy(disp)``
     serve as ``(y_true, y_pred)`` losses."""
-    try:
-        from voxreg import losses as L
-    except ImportError:  # pragma: no cover
-        return fn
     if fn is getattr(L, "grad", None) or fn is getattr(L, "bending_energy", None):
         return lambda y_true, y_pred: fn(y_pred)
     return fn
@@ -254,87 +212,9 @@ class _Batches:
 
 
 # --------------------------------------------------------------------------------------------
-# history files
-# --------------------------------------------------------------------------------------------
-
-
-def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in columns})
-
-
-def _plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss curves, one line per loss term (log scale when all values are positive)."""
-    from voxreg import plot
-
-    skip = {"epoch", "step", "seconds", "lr"}
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k, v in row.items() if k not in skip and k not in keys
-                 and isinstance(v, (int, float))]
-    values = [row[k] for row in history for k in keys if k in row]
-    positive = bool(values) and all(v > 0 for v in values if v == v)
-    plot.history(history, log=positive, keys=keys or None, save=path)
-
-
-# --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
 
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 11]).integers(2**62))
-
-
-
-def _budget_spent(budget: float | None, started: bool, tic: float, slowest: float) -> bool:
-    """Whether a time-budgeted run should start no new epoch: at least one epoch has run
-    (``started``) and the time since ``tic`` (``time.perf_counter()``) plus the slowest epoch so
-    far would pass ``budget`` seconds."""
-    return (budget is not None and started
-            and time.perf_counter() - tic + slowest > budget)
-
-
-def _restore(run: Any, watched: Sequence[str]) -> Path | None:
-    """Load a run's checkpoint into it (model, optimizer, ``step``, ``epoch``, ``history``).
-
-    ``run`` is a :class:`Trainer` or any trainer with the same ``resume``, ``out_dir``,
-    ``device``, ``model``, ``optimizer``, ``_settings()`` and ``_log()``. Returns the checkpoint
-    path, or ``None`` when ``resume=True`` finds none (a fresh start); an explicit path that does
-    not exist raises. Warns when a ``watched`` training setting differs from the checkpoint's.
-    """
-    explicit = isinstance(run.resume, (str, os.PathLike))
-    path = Path(run.resume) if explicit else run.out_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        if explicit:
-            raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        run._log(f"resume: no checkpoint in {run.out_dir}; starting from scratch")
-        return None
-    ckpt = load_checkpoint(path, device=run.device, model=run.model)
-    if ckpt.optimizer_state is not None:
-        run.optimizer.load_state_dict(ckpt.optimizer_state)
-    run.step = int(ckpt.step or 0)
-    run.epoch = int(ckpt.epoch or 0)
-    run.history = list(ckpt.history or [])
-    old = (ckpt.metadata or {}).get("training", {})
-    now = run._settings()
-    changed = [k for k in watched if k in old and old[k] != now[k]]
-    if changed:
-        warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint's: "
-                      "the run will not match an uninterrupted one", stacklevel=4)
-    return path
 
 
 class Trainer:
@@ -391,7 +271,7 @@ class Trainer:
             raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
 
         self.model = model
-        self.device = _pick_device(device)
+        self.device = resolve_device(device)
         self.epochs = epochs
         self.time_budget = time_budget
         self.batch_size = batch_size
@@ -565,7 +445,7 @@ class Trainer:
             save_model(self.model, self.out_dir / MODEL_NAME, metadata=meta, step=self.step,
                        epoch=self.epoch, history=self.history)
         if self.history:
-            _plot_history(self.history, self.out_dir / PLOT_NAME)
+            plot_history(self.history, self.out_dir / PLOT_NAME)
 
     def _settings(self) -> dict[str, Any]:
         settings = {
@@ -586,7 +466,7 @@ class Trainer:
         return settings
 
     def _resume(self) -> None:
-        path = _restore(self, ("batch_size", "steps_per_epoch", "seed", "lr"))
+        path = restore(self, ("batch_size", "steps_per_epoch", "seed", "lr"))
         if path is None:
             return
         if not self.batches.rewindable and self.epoch:
@@ -601,8 +481,6 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train for ``epochs`` epochs (in total, counting those of a resumed checkpoint)."""
-        from tqdm.auto import tqdm
-
         model = self.model.to(self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
         if self.out_dir is not None:
@@ -614,10 +492,10 @@ class Trainer:
         slowest = 0.0
         saved = False
         for epoch in range(start, self.epochs):
-            if _budget_spent(self.time_budget, epoch > start, tic_all, slowest):
+            if budget_spent(self.time_budget, epoch > start, tic_all, slowest):
                 self._log(f"time budget of {self.time_budget:.0f} s reached after epoch {epoch}")
                 break
-            torch.manual_seed(_epoch_seed(self.seed, epoch))
+            torch.manual_seed(epoch_seed(self.seed, epoch))
             model.train()
             sums: dict[str, Tensor] = {}
             counts: dict[str, int] = {}
@@ -661,7 +539,7 @@ class Trainer:
             self._log(self._line(row))
             saved = False
             if self.out_dir is not None:
-                _write_history(self.history, self.out_dir / HISTORY_NAME)
+                write_history(self.history, self.out_dir / HISTORY_NAME)
                 last = self.epoch == self.epochs
                 if last or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
                     self._checkpoint(final=last)
@@ -718,7 +596,7 @@ def train(
 
     Args:
         model: maps ``(moving, fixed)`` to ``(moved, disp)`` or ``(moved, moved_fixed, disp)``
-            (e.g. :class:`voxreg.networks.VxmDense`).
+            (e.g. :class:`voxreg.nn.networks.VxmDense`).
         data: a ``Dataset``, ``DataLoader`` or iterator of batches (see the module doc).
         losses: one loss per term in the order ``transformer_loss``, (``neg_transformer_loss``
             for bidirectional models), ``flow_loss``, and optionally ``seg_loss``; callables

@@ -5,7 +5,7 @@ displacements are ``(B, ndim, *spatial)`` in voxels on the fixed grid (``ij`` in
 pulls back, ``moved(x) = moving(x + disp(x))``.
 
 Every model has a :attr:`config` property, a JSON-serialisable dict ``{"class": name, **args}``
-holding its class name and constructor arguments, and :func:`build_model` rebuilds an (untrained)
+holding its class name and constructor arguments, and :func:`voxreg.nn.build_model` rebuilds an (untrained)
 model from it: ``build_model(model.config)`` then ``load_state_dict`` restores a checkpoint.
 """
 
@@ -21,10 +21,9 @@ from torch import Tensor, nn
 
 from voxreg import _checks
 from voxreg import transforms as T
-from voxreg.layers import ResizeTransform, SpatialTransformer, VecInt
+from voxreg.nn.layers import ResizeTransform, SpatialTransformer, VecInt
 
-__all__ = ["Transform", "Unet", "VxmDense", "build_model", "default_unet_features",
-           "inflate_weights"]
+__all__ = ["Transform", "Unet", "VxmDense", "default_unet_features"]
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -49,13 +48,6 @@ _TAP_MATRICES: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 def default_unet_features() -> list[list[int]]:
     """VoxelMorph's default UNet features: ``[[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]``."""
     return [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive" if minimum == 1 else f">= {minimum}"
-        raise ValueError(f"{name} must be an integer {kind}, got {value!r}")
-    return int(value)
 
 
 def _conv(ndim: int) -> type[nn.Module]:
@@ -208,8 +200,8 @@ class Unet(nn.Module):
     ):
         super().__init__()
         inshape = _checks.check_shape(inshape, "inshape")
-        infeats = _positive_int(infeats, "infeats")
-        nb_conv_per_level = _positive_int(nb_conv_per_level, "nb_conv_per_level")
+        infeats = _checks.positive_int(infeats, "infeats")
+        nb_conv_per_level = _checks.positive_int(nb_conv_per_level, "nb_conv_per_level")
         ndim = len(inshape)
         self._config = {
             "inshape": list(inshape),
@@ -226,8 +218,8 @@ class Unet(nn.Module):
                 raise ValueError("nb_levels can only be given with an integer nb_features")
             nb_features = default_unet_features()
         if isinstance(nb_features, int) and not isinstance(nb_features, bool):
-            _positive_int(nb_features, "nb_features")
-            nb_levels = _positive_int(nb_levels, "nb_levels", 2) if nb_levels is not None else None
+            _checks.positive_int(nb_features, "nb_features")
+            nb_levels = _checks.positive_int(nb_levels, "nb_levels", 2) if nb_levels is not None else None
             if nb_levels is None:
                 raise ValueError("nb_levels is required when nb_features is an integer")
             if not (isinstance(feat_mult, (int, float)) and feat_mult > 0):
@@ -367,10 +359,10 @@ class VxmDense(nn.Module):
     A :class:`Unet` reads ``concat(moving, fixed)``; a 3x3(x3) conv head (weights
     ``Normal(0, 1e-5)``, zero bias) turns its features into a field with one channel per axis.
     With ``int_steps > 0`` that field is a stationary velocity: it is resized down by
-    ``int_downsize`` (:class:`~voxreg.layers.ResizeTransform`), integrated by scaling and squaring
-    (:class:`~voxreg.layers.VecInt`) and resized back up to the exact input grid. With
+    ``int_downsize`` (:class:`~voxreg.nn.layers.ResizeTransform`), integrated by scaling and squaring
+    (:class:`~voxreg.nn.layers.VecInt`) and resized back up to the exact input grid. With
     ``int_steps=0`` it is the displacement itself. The moving image is then warped by the
-    displacement (:class:`~voxreg.layers.SpatialTransformer`).
+    displacement (:class:`~voxreg.nn.layers.SpatialTransformer`).
 
     Any spatial size of the model's rank is accepted: inside ``forward`` the images are zero-padded
     at the end of each axis to a multiple of ``2**(nb_levels - 1)``, the field is cropped back to
@@ -422,10 +414,10 @@ class VxmDense(nn.Module):
         super().__init__()
         inshape = _checks.check_shape(inshape, "inshape")
         ndim = len(inshape)
-        self.int_steps = _positive_int(int_steps, "int_steps", 0)
-        self.int_downsize = _positive_int(int_downsize, "int_downsize")
-        self.src_feats = _positive_int(src_feats, "src_feats")
-        self.trg_feats = _positive_int(trg_feats, "trg_feats")
+        self.int_steps = _checks.positive_int(int_steps, "int_steps", 0)
+        self.int_downsize = _checks.positive_int(int_downsize, "int_downsize")
+        self.src_feats = _checks.positive_int(src_feats, "src_feats")
+        self.trg_feats = _checks.positive_int(trg_feats, "trg_feats")
         self.bidir = bool(bidir)
         self.unet_half_res = bool(unet_half_res)
         if self.unet_half_res and self.int_downsize != 2:
@@ -615,77 +607,3 @@ class Transform(nn.Module):
         if tuple(disp.shape[2:]) == self.inshape:
             return self.transformer(image, disp)
         return T.warp(image, disp, self.interp, self.fill_value)
-
-
-_MODELS: dict[str, type[nn.Module]] = {
-    "Unet": Unet,
-    "VxmDense": VxmDense,
-    "Transform": Transform,
-}
-
-
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its :attr:`config` (``{"class": name, **constructor_args}``).
-
-    The model comes back freshly initialised; load its weights with ``load_state_dict``.
-    """
-    if not isinstance(config, dict) or "class" not in config:
-        raise ValueError(f"config must be a dict with a 'class' key, got {config!r}")
-    args = dict(config)
-    name = args.pop("class")
-    if name in ("TemplateCreation", "ConditionalTemplate"):
-        from voxreg.template import build_template_model  # imports this module: load lazily
-
-        return build_template_model(config)
-    if name not in _MODELS:
-        known = sorted([*_MODELS, "TemplateCreation", "ConditionalTemplate"])
-        raise ValueError(f"config names an unknown model class {name!r}; known: {known}")
-    return _MODELS[name](**args)
-
-
-def inflate_weights(model: nn.Module, source: nn.Module) -> int:
-    """Start a 3D model from a 2D one of the same architecture (I3D-style inflation).
-
-    Every 2D kernel ``(out, in, kh, kw)`` of ``source`` becomes the 3D kernel
-    ``(out, in, kd, kh, kw)`` of ``model`` by repeating it ``kd`` times along the new first axis
-    and dividing by ``kd``; biases are copied. A volume that is constant along axis 0 then gives,
-    away from its first and last slices, the 2D network's features on every slice. The 2D flow
-    head's two output channels (the 2D axes 0 and 1) become the 3D channels 1 and 2; channel 0
-    (the new axis) starts as VoxelMorph initialises a flow head (``Normal(0, 1e-5)``, zero bias).
-
-    Args:
-        model: the 3D model (e.g. a 3D :class:`VxmDense`), changed in place.
-        source: the 2D model with the same layer names and channel counts.
-
-    Returns:
-        The number of tensors copied.
-
-    Raises:
-        ValueError: when a layer of ``model`` has no 2D counterpart of matching shape.
-    """
-    mine = model.state_dict()
-    theirs = source.state_dict()
-    update: dict[str, Tensor] = {}
-    for name, target in mine.items():
-        if name not in theirs:
-            if not torch.is_floating_point(target) or name.endswith(("weight", "bias")):
-                raise ValueError(f"inflate: {name!r} of the 3D model is not in the 2D model")
-            continue  # buffers such as pre-built grids
-        value = theirs[name].to(target.dtype)
-        flow = name in ("flow.weight", "flow.bias")
-        if target.dim() == 5 and value.dim() == 4:  # a conv kernel
-            depth = target.shape[2]
-            value = value.unsqueeze(2).expand(-1, -1, depth, -1, -1) / depth
-            if flow:
-                head = torch.empty_like(target).normal_(0.0, 1e-5)
-                head[1:] = value
-                value = head
-        elif flow and target.dim() == 1:
-            value = torch.cat([torch.zeros(1, dtype=target.dtype), value])
-        if value.shape != target.shape:
-            raise ValueError(f"inflate: {name!r} has shape {tuple(theirs[name].shape)} in the 2D "
-                             f"model, which does not inflate to {tuple(target.shape)}")
-        update[name] = value.contiguous()
-    mine.update(update)
-    model.load_state_dict(mine)
-    return len(update)
