@@ -11,6 +11,16 @@ from cli_helpers import assert_user_error, run
 from scipy import ndimage
 
 from voxreg import affine, io
+from voxreg.affine.matrices import grid_affine
+from voxreg.affine.objective import (
+    LinearSampler,
+    MattesMI,
+    Objective,
+    mse_and_grad,
+    ncc_and_grad,
+    sample_points,
+)
+from voxreg.affine.pyramid import Level, gaussian_pyramid
 from voxreg.transforms import affine_to_disp, compose, warp
 
 
@@ -124,11 +134,11 @@ def test_point_sampler_matches_scipy_and_splits_across_threads():
     points = rng.uniform(-1.5, 11.5, (20001, 3)).astype(np.float32)  # some outside the grid
     reference = ndimage.map_coordinates(image, points.T, order=1, mode="grid-constant")
     tensor = torch.from_numpy(image)[None, None]
-    single = affine._sample_points(tensor, torch.from_numpy(points))
+    single = sample_points(tensor, torch.from_numpy(points))
     np.testing.assert_allclose(single.numpy(), reference, atol=1e-5)
     torch.set_num_threads(3)  # 20001 points in 3 pieces (one padded)
     try:
-        split = affine._sample_points(tensor, torch.from_numpy(points))
+        split = sample_points(tensor, torch.from_numpy(points))
     finally:
         torch.set_num_threads(1)
     torch.testing.assert_close(split, single, rtol=0, atol=0)
@@ -142,7 +152,7 @@ def test_linear_sampler_value_and_gradient(shape):
     ndim = len(shape)
     rng = np.random.default_rng(3)
     image = rng.random(shape)
-    sampler = affine._LinearSampler(torch.from_numpy(image)[None, None])
+    sampler = LinearSampler(torch.from_numpy(image)[None, None])
     coords = rng.uniform(-1.6, np.asarray(shape) + 0.6, (4000, ndim))
     # keep every coordinate at least 0.01 from an integer
     coords = np.where(np.abs(coords - np.round(coords)) < 0.01, coords + 0.05, coords)
@@ -175,8 +185,9 @@ def global_ncc_autograd(fixed, moved, weights, eps=1e-8):
 
 
 def mattes_autograd(mattes, moved, weights):
-    """The Mattes MI of ``affine._MattesMI`` written directly: the cubic B-spline kernel
-    evaluated at each of the 4 taps, edge taps folded back; autograd differentiates it."""
+    """The Mattes MI of ``voxreg.affine.objective.MattesMI`` written directly: the cubic
+    B-spline kernel evaluated at each of the 4 taps, edge taps folded back; autograd
+    differentiates it."""
     bins = mattes.bins
     position = moved.clamp(0, 1) * (bins - 1)
     index = position.detach().floor().long()[:, None] + torch.arange(-1, 3)  # (N, 4)
@@ -202,15 +213,15 @@ def test_closed_form_loss_gradients_match_autograd(loss, masked):
     weights = torch.from_numpy((rng.random(3000) > 0.3).astype(np.float64)) if masked else None
     leaf = moved.clone().requires_grad_(True)
     if loss == "mi":
-        mattes = affine._MattesMI(fixed, 16)
+        mattes = MattesMI(fixed, 16)
         reference = mattes_autograd(mattes, leaf, weights)
         value, grad = mattes.value_and_grad(moved, weights)
     elif loss == "ncc":
         reference = global_ncc_autograd(fixed, leaf, weights)
-        value, grad = affine._ncc_and_grad(fixed, moved, weights)
+        value, grad = ncc_and_grad(fixed, moved, weights)
     else:
         reference = weighted_mean((fixed - leaf) ** 2, weights) / 0.3
-        value, grad = affine._mse_and_grad(fixed, moved, weights, 0.3)
+        value, grad = mse_and_grad(fixed, moved, weights, 0.3)
     reference.backward()
     assert float(value) == pytest.approx(float(reference.detach()), rel=1e-10, abs=1e-12)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-8, atol=1e-12)
@@ -221,13 +232,13 @@ def test_objective_gradient_matches_finite_differences(loss):
     """The closed-form gradient of a whole pyramid level, through the parameters (rotation,
     scales, shears), against central differences of the loss (float64 images)."""
     moving, fixed, _ = known_pair((40, 44))
-    fixed_level = affine._Level(torch.from_numpy(fixed.astype(np.float64))[None, None],
-                                np.diag([1.3, 1.1, 1.0]))
-    moving_level = affine._Level(torch.from_numpy(moving.astype(np.float64))[None, None],
-                                 np.diag([1.2, 1.0, 1.0]))
+    fixed_level = Level(torch.from_numpy(fixed.astype(np.float64))[None, None],
+                        np.diag([1.3, 1.1, 1.0]))
+    moving_level = Level(torch.from_numpy(moving.astype(np.float64))[None, None],
+                         np.diag([1.2, 1.0, 1.0]))
     center = torch.tensor([25.0, 24.0], dtype=torch.float64)
-    objective = affine._Objective(fixed_level, moving_level, loss, 1000, 0, 16, 9, center,
-                                  center + 0.5, 12.0)
+    objective = Objective(fixed_level, moving_level, loss, 1000, 0, 16, 9, center,
+                          center + 0.5, 12.0)
     assert objective.points.shape[0] == 1000  # a subset of the 1760 voxels
     params = torch.tensor([0.02, -0.03, 0.05, 0.03, -0.02, 0.04], dtype=torch.float64,
                           requires_grad=True)
@@ -246,9 +257,9 @@ def test_point_subset_is_spread_over_the_whole_grid():
     """The random subset of a level's voxels is uniform: no part of the grid is left out (a
     subset that kept the first distinct draws in memory order once missed the far end)."""
     shape = (60, 40, 30)
-    level = affine._Level(torch.rand(1, 1, *shape), np.eye(4))
+    level = Level(torch.rand(1, 1, *shape), np.eye(4))
     center = torch.zeros(3, dtype=torch.float64)
-    objective = affine._Objective(level, level, "mi", 8000, 0, 32, 9, center, center, 10.0)
+    objective = Objective(level, level, "mi", 8000, 0, 32, 9, center, center, 10.0)
     points = objective.points
     assert points.shape[0] == 8000 and len(torch.unique(points, dim=0)) == 8000
     for axis, size in enumerate(shape):
@@ -264,7 +275,7 @@ def test_pyramid_cascade_matches_direct_smoothing(spacing):
     data = blob((48, 44, 40)) + 0.1 * np.random.default_rng(0).random((48, 44, 40)).astype(np.float32)
     grid = np.diag([*spacing, 1.0])
     targets = [4.0, 2.0, 1.0]
-    levels = affine._pyramid(data, grid, targets)
+    levels = gaussian_pyramid(data, grid, targets)
     for level, target in zip(levels, targets):
         factors = np.maximum(1.0, target / np.asarray(spacing))
         sigmas = [f / 2 if f > 1 + 1e-6 else 0.0 for f in factors]
@@ -311,7 +322,7 @@ def test_mattes_mi_matches_a_dense_reference():
     outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
     nonzero = joint > 0
     expected = -(joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])).sum()
-    mi = affine._MattesMI(torch.tensor(fixed), bins)
+    mi = MattesMI(torch.tensor(fixed), bins)
     assert float(mi.value_and_grad(torch.tensor(moved))[0]) == pytest.approx(expected, rel=1e-6)
     # and it tracks voxreg's Gaussian-window MI (the same measure up to the window)
     from voxreg.losses import mutual_information
@@ -343,7 +354,7 @@ def sample_grid(shape, vox2world, world_map=None):
     """The analytic image on a grid; ``world_map`` (square) is applied to the world points first."""
     ndim = len(shape)
     index = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).reshape(ndim, -1)
-    square = affine._grid_affine(vox2world, ndim)
+    square = grid_affine(vox2world, ndim)
     world = square[:ndim, :ndim] @ index + square[:ndim, ndim:]
     if world_map is not None:
         world = world_map[:ndim, :ndim] @ world + world_map[:ndim, ndim:]
@@ -382,7 +393,7 @@ def test_different_grids_recovered_in_world_space(ndim):
 
     # world error over the fixed field of view, in mm
     corners = np.stack(np.meshgrid(*[[0, s - 1] for s in fixed_shape], indexing="ij")).reshape(ndim, -1)
-    square = affine._grid_affine(fixed_affine, ndim)
+    square = grid_affine(fixed_affine, ndim)
     world = square[:ndim, :ndim] @ corners + square[:ndim, ndim:]
     error = (result.world_matrix - true)[:ndim, :ndim] @ world + (result.world_matrix - true)[:ndim, ndim:]
     start = (true - np.eye(ndim + 1))[:ndim, :ndim] @ world + (true - np.eye(ndim + 1))[:ndim, ndim:]
@@ -394,7 +405,7 @@ def test_different_grids_recovered_in_world_space(ndim):
     assert np.abs(error).max() < 0.8, np.abs(error).max()
 
     # the stored voxel matrix is inv(moving affine) @ world @ fixed affine
-    voxel = np.linalg.inv(affine._grid_affine(moving_affine, ndim)) @ result.world_matrix @ square
+    voxel = np.linalg.inv(grid_affine(moving_affine, ndim)) @ result.world_matrix @ square
     np.testing.assert_allclose(result.voxel_matrix, voxel[:ndim], atol=1e-9)
 
     # resample = scipy map_coordinates of the moving data at voxel_matrix @ x (order 1)
@@ -439,8 +450,8 @@ def test_disp_and_composition():
     world[:2, :2] = rotation_2d(0.1)
     world[:2, 2] = [3.0, -4.0]
     result = affine.AffineResult(
-        world_matrix=world, voxel_matrix=(np.linalg.inv(affine._grid_affine(moving_affine, 2))
-                                          @ world @ affine._grid_affine(fixed_affine, 2))[:2],
+        world_matrix=world, voxel_matrix=(np.linalg.inv(grid_affine(moving_affine, 2))
+                                          @ world @ grid_affine(fixed_affine, 2))[:2],
         fixed_shape=(40, 40), fixed_affine=fixed_affine, moving_shape=(56, 56),
         moving_affine=moving_affine, loss=0.0, initial_loss=0.0, loss_name="ncc", seconds=0.0,
         params=np.zeros(6))
