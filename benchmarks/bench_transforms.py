@@ -288,10 +288,11 @@ def main(argv=None) -> int:
           f"|velocity| <= {inputs['velocity'].abs().max():.2f} voxels, seed {args.seed}")
 
     import voxreg
+    from voxreg._runtime import allocator_tuned, apply_default_tuning
 
-    runtime = getattr(voxreg, "_runtime", None)
-    tuned = bool(runtime and getattr(runtime, "allocator_tuned", lambda: False)())
-    print(f"voxreg {voxreg.__version__}: glibc malloc tuning at import "
+    # what the voxreg command does at start-up (the library itself changes no process state)
+    tuned = apply_default_tuning() or allocator_tuned()
+    print(f"voxreg {voxreg.__version__}: glibc malloc tuning (as the voxreg command) "
           f"{'ON' if tuned else 'off'}; voxelmorph process: "
           f"{'same settings (--vxm-malloc-tuning)' if args.vxm_malloc_tuning else 'default malloc'}")
     voxreg_t, voxreg_out = run_voxreg(inputs, args.repeats, args.cases)
