@@ -38,6 +38,7 @@ __all__ = [
     "invert",
     "jacobian_determinant",
     "resize_disp",
+    "sample",
     "warp",
     "warp_points",
 ]
@@ -249,6 +250,55 @@ def warp(
         batch = _checks.check_batch(image.shape[0], transform.shape[0], "image", "transform")
         grid = _disp_to_grid(transform.to(_float_dtype(image))).expand(batch, *([-1] * (ndim + 1)))
     _checks.check_finite(image, "image") if image.is_floating_point() else None
+    return _sample(image, grid, interp, fill_value)
+
+
+def sample(
+    image: Tensor,
+    coords: Tensor,
+    interp: Interp = "linear",
+    fill_value: float = 0.0,
+) -> Tensor:
+    """Sample ``image`` at absolute voxel coordinates of its own grid, onto any other grid.
+
+    ``out[b, :, y] = image[b, :, coords[b, :, y]]``: the pull-back of :func:`warp` between two
+    grids. ``coords`` lives on the output grid and says, for each output voxel, where to read in
+    the image, in the image's voxel indices (``ij`` order, voxel centres at integers). With
+    ``coords = identity + disp`` on the image's own grid it is :func:`warp` by ``disp``.
+
+    Args:
+        image: ``(B, C, *in_spatial)``; integer label maps keep their dtype with
+            ``interp="nearest"`` or ``"label"``.
+        coords: ``(B, ndim, *out_spatial)`` voxel coordinates into ``image`` (a batch of 1 on
+            either side is broadcast).
+        interp: ``"linear"``, ``"nearest"`` or ``"label"`` (as in :func:`warp`).
+        fill_value: value of samples that fall outside the image.
+
+    Returns:
+        ``(B, C, *out_spatial)``.
+
+    Raises:
+        ValueError: for shapes that do not match, or non-finite coordinates.
+
+    >>> image = torch.arange(6.0).view(1, 1, 2, 3)        # a 2x3 image
+    >>> coords = torch.tensor([[[[0.0, 1.0, 5.0]], [[0.5, 2.0, 0.0]]]])  # 3 points, 1x3 grid
+    >>> sample(image, coords)
+    tensor([[[[0.5000, 5.0000, 0.0000]]]])
+    """
+    _checks.check_image(image, "image")
+    _checks.check_interp(interp)
+    ndim = image.dim() - 2
+    if coords.dim() != ndim + 2 or coords.shape[1] != ndim:
+        raise ValueError(f"coords must be (B, {ndim}, *out_spatial) voxel coordinates for a "
+                         f"{ndim}D image, got {tuple(coords.shape)}")
+    _checks.check_finite(coords, "coords")
+    if not math.isfinite(fill_value):
+        raise ValueError(f"fill_value must be finite, got {fill_value}")
+    batch = _checks.check_batch(image.shape[0], coords.shape[0], "image", "coords")
+    dtype = _float_dtype(image)
+    shape = tuple(image.shape[2:])
+    scale = _voxel_to_normalized_scale(shape, coords.device, dtype)
+    grid = (coords.to(dtype).movedim(1, -1) * scale - 1.0).expand(batch, *([-1] * (ndim + 1)))
     return _sample(image, grid, interp, fill_value)
 
 
