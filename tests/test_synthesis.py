@@ -293,7 +293,7 @@ def test_weight_zero_image_term_is_skipped_and_needs_labels():
                       device="cpu", progress=False, verbose=False)
     trainer.fit()
     assert not calls and trainer.history[0]["seg_loss"] < 0
-    assert trainer._settings()["loss_weights"] == [0.0, 0.01, 1.0]
+    assert trainer.settings()["loss_weights"] == [0.0, 0.01, 1.0]
     # a weighted image term is still computed (existing behaviour)
     Trainer(_tiny_model(), data, losses=[spy, "grad", "dice"], loss_weights=[1, 0.01, 1],
             device="cpu", progress=False, verbose=False).fit()

@@ -1,4 +1,5 @@
-"""Template training (Dalca et al., NeurIPS 2019) on the shared training engine.
+"""Template training (Dalca et al., NeurIPS 2019) on the shared training engine
+(:class:`voxreg.training.engine.Engine`: epochs, time budget, run folder, checkpoints, resume).
 
 :class:`TemplateTrainer` (or :func:`train_template`) minimises, per batch of subjects,
 
@@ -23,21 +24,17 @@ with :func:`voxreg.checkpoint.load_template_model`.
 
 from __future__ import annotations
 
-import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from voxreg import _checks, io, plot
-from voxreg._runtime import resolve_device
-from voxreg.checkpoint import load_template_model, save_model, warm_start
+from voxreg.checkpoint import load_template_model, warm_start
 from voxreg.evaluation import sharpness, templates_at
 from voxreg.losses import resolve_loss
 from voxreg.nn.template import (
@@ -48,24 +45,14 @@ from voxreg.nn.template import (
     attribute_batch,
     image_batch,
 )
-from voxreg.training.engine import (
-    CHECKPOINT_NAME,
-    HISTORY_NAME,
-    MODEL_NAME,
-    PLOT_NAME,
-    budget_spent,
-    epoch_seed,
-    plot_history,
-    restore,
-    write_history,
-)
+from voxreg.training.engine import CHECKPOINT_NAME, Engine, epoch_indices
 
 __all__ = ["SNAPSHOT_DIR", "TemplateTrainer", "train_template"]
 
 SNAPSHOT_DIR = "snapshots"
 
 
-class TemplateTrainer:
+class TemplateTrainer(Engine):
     """Train a template model with Adam on the losses of the module doc.
 
     Args:
@@ -87,7 +74,7 @@ class TemplateTrainer:
             (every ``checkpoint_every`` epochs and at the end), ``model.safetensors`` (at the
             end) and ``snapshots/``; ``loss.png`` is drawn at the end and at most once a minute
             on the way.
-        checkpoint_every: epochs between checkpoints.
+        checkpoint_every: epochs between checkpoints (``None``: only at the end).
         snapshot_every: every this many epochs (and at the end) write the template as a PNG
             (mid-slices) and an image file into ``out_dir/snapshots`` (a conditional model:
             at ``snapshot_attributes``).
@@ -96,13 +83,23 @@ class TemplateTrainer:
         affine: ``(4, 4)`` voxel-to-world matrix of the snapshot files (default identity).
         snapshot_format: extension of the snapshot images (``".nii.gz"``, ``".npy"``...).
         resume: ``True`` continues from ``out_dir/checkpoint.safetensors`` if it exists; or a
-            checkpoint path.
+            checkpoint path. Exact; a warning when ``batch_size``, ``steps_per_epoch``, ``seed``,
+            ``lr``, ``lambda_``, ``mean_weight`` or the number of images changed.
         time_budget: seconds; no new epoch is started once the elapsed time plus the slowest
             epoch so far would exceed it (at least one epoch runs).
         progress: tqdm bar per epoch.
         verbose: print one line per epoch.
         metadata: stored in the checkpoints.
+
+    Raises:
+        TypeError: for a model that is not a template model.
+        ValueError: for an invalid argument (or attributes that do not fit the model).
+
+    Attributes after :meth:`fit`: ``history``, ``optimizer``, ``step``, ``epoch``.
     """
+
+    WATCHED = ("batch_size", "steps_per_epoch", "seed", "lr", "lambda", "mean_weight", "images")
+    PLOT_EVERY = 60.0  # drawing the curves is slow
 
     def __init__(
         self,
@@ -133,7 +130,10 @@ class TemplateTrainer:
         if not isinstance(model, TemplateModel):
             raise TypeError(f"model must be a TemplateCreation or ConditionalTemplate, got "
                             f"{type(model).__name__}")
-        self.model = model
+        super().__init__(model, epochs=epochs, lr=lr, device=device, seed=seed, out_dir=out_dir,
+                         checkpoint_every=checkpoint_every, resume=resume,
+                         time_budget=time_budget, progress=progress, verbose=verbose,
+                         metadata=metadata)
         self.images = image_batch(images, model.inshape)
         self.conditional = isinstance(model, ConditionalTemplate)
         if self.conditional:
@@ -145,15 +145,10 @@ class TemplateTrainer:
                 raise ValueError("attributes were given but the model is unconditional "
                                  "(use a ConditionalTemplate)")
             self.attributes = None
-        self.epochs = _checks.positive_int(epochs, "epochs")
         self.batch_size = _checks.positive_int(batch_size, "batch_size")
         self.steps_per_epoch = (max(1, len(self.images) // self.batch_size)
                                 if steps_per_epoch is None
                                 else _checks.positive_int(steps_per_epoch, "steps_per_epoch"))
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-                math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        self.lr = float(lr)
         self.lambda_ = _checks.non_negative(lambda_, "lambda_")
         self.mean_weight = _checks.non_negative(mean_weight, "mean_weight")
         if isinstance(image_loss, str) and image_loss.lower() not in ("mse", "ncc"):
@@ -162,21 +157,10 @@ class TemplateTrainer:
             image_loss, "__name__", type(image_loss).__name__)
         self.image_loss = resolve_loss(image_loss)
         self.smooth_loss = resolve_loss("grad", loss_mult=model.int_downsize)
-        self.device = resolve_device(device)
-        self.seed = int(seed)
-        self.out_dir = None if out_dir is None else Path(out_dir)
-        self.checkpoint_every = _checks.positive_int(checkpoint_every, "checkpoint_every")
         self.snapshot_every = (None if snapshot_every in (None, 0)
                                else _checks.positive_int(snapshot_every, "snapshot_every"))
         if self.snapshot_every and self.out_dir is None:
             raise ValueError("snapshot_every needs out_dir (where the snapshots go)")
-        if resume and self.out_dir is None and not isinstance(resume, (str, os.PathLike)):
-            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-        self.resume = resume
-        if time_budget is not None and not (isinstance(time_budget, (int, float))
-                                            and time_budget > 0):
-            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
-        self.time_budget = time_budget
         self.affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be a (4, 4) matrix, got shape {self.affine.shape}")
@@ -188,20 +172,16 @@ class TemplateTrainer:
                 -1, model.n_attributes)
         else:
             self.snapshot_attributes = None
-        self.progress = progress
-        self.verbose = verbose
-        self.metadata = dict(metadata or {})
-        self.history: list[dict[str, Any]] = []
-        self.step = 0
-        self.epoch = 0
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._plotted = time.perf_counter()
         self.names = ["transformer_loss", "neg_transformer_loss", "mean_loss", "flow_loss"]
         self.weights = [0.5, 0.5, self.mean_weight, self.lambda_]
+        self._snapped = False  # whether the last epoch wrote a snapshot
+        self._disp_sum: Tensor | None = None  # the epoch's displacement statistics
+        self._disp_sq = torch.zeros(())
+        self._count = 0
 
-    # -----------------------------------------------------------------------------------------
+    # -- the engine's hooks ----------------------------------------------------------------------
 
-    def _settings(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         return {
             "image_loss": self.image_loss_name, "lambda": self.lambda_,
             "mean_weight": self.mean_weight, "loss_weights": self.weights, "lr": self.lr,
@@ -209,13 +189,28 @@ class TemplateTrainer:
             "seed": self.seed, "images": len(self.images),
         }
 
-    def _epoch_batches(self, epoch: int) -> np.ndarray:
-        """``(steps, batch_size)`` image indices of an epoch (fixed by the seed and the epoch)."""
-        n = len(self.images)
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), 13])
-        need = self.steps_per_epoch * self.batch_size
-        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])
-        return order[:need].reshape(self.steps_per_epoch, self.batch_size)
+    def begin_epoch(self, epoch: int) -> Iterable[np.ndarray]:
+        """The epoch's ``(batch_size,)`` image indices, ``steps_per_epoch`` of them (fixed by the
+        seed and the epoch)."""
+        self._disp_sum = None
+        self._disp_sq = torch.zeros((), device=self.device)
+        self._count = 0
+        return epoch_indices(len(self.images), self.steps_per_epoch, self.batch_size, self.seed,
+                             epoch, stream=13)
+
+    def step_loss(self, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        idx = torch.from_numpy(indices)
+        subject = self.images[idx].to(self.device, non_blocking=True)
+        attrs = None if self.attributes is None else self.attributes[idx].to(self.device)
+        out = self.model(subject, attrs)
+        terms = self._terms(out, subject)
+        with torch.no_grad():
+            disp = out.disp.detach()
+            self._disp_sum = disp.sum(0) if self._disp_sum is None else self._disp_sum + disp.sum(0)
+            self._disp_sq = self._disp_sq + (disp**2).sum(1).mean(
+                (1, 2) if disp.dim() == 4 else (1, 2, 3)).sum()
+            self._count += disp.shape[0]
+        return sum(w * terms[n] for n, w in zip(self.names, self.weights)), terms
 
     def _terms(self, out: TemplateOutput, subject: Tensor) -> dict[str, Tensor]:
         mean = self.model.mean_stream(out.velocity)
@@ -226,33 +221,30 @@ class TemplateTrainer:
             "flow_loss": self.smooth_loss(torch.zeros_like(out.velocity), out.velocity),
         }
 
-    def _log(self, line: str) -> None:
-        if self.verbose:
-            print(line, flush=True)
+    def epoch_metrics(self) -> dict[str, float]:
+        """``mean_disp_rms``, ``disp_rms`` and (unconditional model) ``sharpness``."""
+        mean = self._disp_sum / self._count
+        metrics = {"mean_disp_rms": float(torch.sqrt((mean**2).sum(0).mean())),
+                   "disp_rms": float(torch.sqrt(self._disp_sq / self._count))}
+        if not self.conditional:
+            metrics["sharpness"] = sharpness(self.model.template_image())
+        return metrics
 
-    def _resume(self) -> None:
-        path = restore(self, ("batch_size", "steps_per_epoch", "seed", "lr", "lambda",
-                               "mean_weight", "images"))
-        if path is not None:
-            self._log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+    def curves(self) -> list[dict[str, Any]]:
+        """The loss columns alone."""
+        return [{"epoch": row["epoch"], **{k: v for k, v in row.items() if k.endswith("loss")}}
+                for row in self.history]
 
-    def _checkpoint(self, final: bool) -> None:
-        if self.out_dir is None:
+    def write_extras(self, end: bool) -> None:
+        """A snapshot every ``snapshot_every`` epochs, and at the end unless just written."""
+        if not self.snapshot_every:
             return
-        meta = {**self.metadata, "training": self._settings()}
-        save_model(self.model, self.out_dir / CHECKPOINT_NAME, metadata=meta,
-                   optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-                   history=self.history)
-        if final:
-            save_model(self.model, self.out_dir / MODEL_NAME, metadata=meta, step=self.step,
-                       epoch=self.epoch, history=self.history)
-        # the loss curve at the end, and at most once a minute on the way (drawing is slow)
-        if self.history and (final or time.perf_counter() - self._plotted > 60):
-            self._plotted = time.perf_counter()
-            losses = [{"epoch": row["epoch"],
-                       **{k: v for k, v in row.items() if k.endswith("loss")}}
-                      for row in self.history]
-            plot_history(losses, self.out_dir / PLOT_NAME)
+        if not end:
+            self._snapped = self.epoch % self.snapshot_every == 0
+            if self._snapped:
+                self.snapshot()
+        elif not self._snapped:
+            self.snapshot()
 
     def snapshot(self) -> list[Path]:
         """Write the current template(s) into ``out_dir/snapshots``: a PNG of the (mid-)slices
@@ -286,99 +278,6 @@ class TemplateTrainer:
             plot.volume_slices(list(images), titles=titles, save=png)
         paths.append(png)
         return paths
-
-    def fit(self) -> list[dict[str, Any]]:
-        """Train up to ``epochs`` epochs; return the history (one dict per epoch)."""
-        model = self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            self._resume()
-        start = self.epoch
-        tic_all = time.perf_counter()
-        slowest = 0.0
-        saved = snapped = False
-        for epoch in range(start, self.epochs):
-            if budget_spent(self.time_budget, epoch > start, tic_all, slowest):
-                self._log(f"time budget of {self.time_budget:.0f} s reached after epoch {epoch}")
-                break
-            torch.manual_seed(epoch_seed(self.seed, epoch))
-            model.train()
-            tic = time.perf_counter()
-            sums: dict[str, Tensor] = {}
-            disp_sum = None
-            disp_sq = torch.zeros((), device=self.device)
-            count = 0
-            bar = tqdm(total=self.steps_per_epoch, disable=not self.progress, leave=False,
-                       desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True)
-            for indices in self._epoch_batches(epoch):
-                idx = torch.from_numpy(indices)
-                subject = self.images[idx].to(self.device, non_blocking=True)
-                attrs = None if self.attributes is None else self.attributes[idx].to(self.device)
-                out = model(subject, attrs)
-                terms = self._terms(out, subject)
-                loss = sum(w * terms[n] for n, w in zip(self.names, self.weights))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {self.step + 1}; "
-                        "lower lr or check the data")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                with torch.no_grad():
-                    values = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-                    for k, v in values.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                    disp = out.disp.detach()
-                    disp_sum = disp.sum(0) if disp_sum is None else disp_sum + disp.sum(0)
-                    disp_sq = disp_sq + (disp**2).sum(1).mean((1, 2) if disp.dim() == 4
-                                                              else (1, 2, 3)).sum()
-                    count += disp.shape[0]
-                bar.update(1)
-                if self.progress and (self.step % 10 == 0 or bar.n == 1):
-                    bar.set_postfix(loss=f"{values['loss'].item():.4g}")
-            bar.close()
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
-            row.update({k: float(v) / self.steps_per_epoch for k, v in sums.items()})
-            mean = disp_sum / count
-            row["mean_disp_rms"] = float(torch.sqrt((mean**2).sum(0).mean()))
-            row["disp_rms"] = float(torch.sqrt(disp_sq / count))
-            if not self.conditional:
-                row["sharpness"] = sharpness(model.template_image())
-            row["seconds"] = round(time.perf_counter() - tic, 3)
-            slowest = max(slowest, row["seconds"])
-            self.history.append(row)
-            self.epoch = epoch + 1
-            self._log(self._line(row))
-            saved = snapped = False
-            if self.out_dir is not None:
-                write_history(self.history, self.out_dir / HISTORY_NAME)
-                if self.snapshot_every and self.epoch % self.snapshot_every == 0:
-                    self.snapshot()
-                    snapped = True
-                if self.epoch == self.epochs:
-                    self._checkpoint(final=True)
-                    saved = True
-                elif self.epoch % self.checkpoint_every == 0:
-                    self._checkpoint(final=False)
-        if self.out_dir is not None:
-            # the end of the run (all epochs, or the time budget): checkpoint, final model and a
-            # last snapshot, unless just written
-            if not saved:
-                self._checkpoint(final=True)
-            if self.snapshot_every and not snapped:
-                self.snapshot()
-        model.eval()
-        return self.history
-
-    def _line(self, row: dict[str, Any]) -> str:
-        parts = [f"epoch {row['epoch']}/{self.epochs}"]
-        parts += [f"{k}: {v:.4g}" for k, v in row.items()
-                  if k not in ("epoch", "step", "seconds") and isinstance(v, float)]
-        parts.append(f"({row['seconds']:.2f} s)")
-        return "  ".join(parts)
 
 
 def train_template(
@@ -417,6 +316,13 @@ def train_template(
             name and shape match (:func:`voxreg.checkpoint.warm_start`); ignored when resuming.
         **kwargs: passed to :class:`TemplateTrainer` (``epochs``, ``steps_per_epoch``,
             ``batch_size``, ``lr``, ``lambda_``, ``mean_weight``, ``snapshot_every``, ``device``...).
+
+    Raises:
+        ValueError: for images that are not a stack of 2D/3D images, attributes without one row
+            per image, or a checkpoint whose shape or kind does not fit; and as
+            :class:`TemplateTrainer`.
+
+    >>> model, history = train_template(images, epochs=100, out_dir="atlas")  # doctest: +SKIP
     """
     array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     array = array.astype(np.float32, copy=False)

@@ -1,4 +1,4 @@
-"""Training loop for registration models (VoxelMorph's unsupervised and semi-supervised losses).
+"""Pairwise registration training (VoxelMorph's unsupervised and semi-supervised losses).
 
 :func:`train` (or :class:`Trainer`) fits a model that maps ``(moving, fixed)`` to
 ``(moved, disp)`` (``(moved, moved_fixed, disp)`` when bidirectional) with Adam, on the loss terms
@@ -27,10 +27,8 @@ batches an uninterrupted one would), a ``DataLoader``, or any iterator of batche
 ``moving_seg``/``fixed_seg``; or ``([moving, fixed], [fixed, zero_field])`` as VoxelMorph's
 generators yield; or ``(moving, fixed[, moving_seg, fixed_seg])``; numpy or torch, ``(B, C, *spatial)``.
 
-With ``out_dir`` the trainer writes ``history.csv`` (one row per epoch), ``loss.png`` (the loss
-curves), ``checkpoint.safetensors`` (model, optimizer, counters and history, every
-``checkpoint_every`` epochs and at the end) and ``model.safetensors`` (the final model alone).
-``resume=True`` continues from ``checkpoint.safetensors``.
+The run itself (epochs, time budget, run folder, checkpoints, resume) is the engine's:
+:class:`voxreg.training.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -38,41 +36,24 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from voxreg import _checks
 from voxreg import losses as L
 from voxreg import transforms as T
-from voxreg._runtime import resolve_device
-from voxreg.checkpoint import save_model
 from voxreg.losses import resolve_loss
-from voxreg.training.engine import (
-    CHECKPOINT_NAME,
-    HISTORY_NAME,
-    MODEL_NAME,
-    PLOT_NAME,
-    budget_spent,
-    epoch_seed,
-    plot_history,
-    restore,
-    write_history,
-)
+from voxreg.training.engine import Engine, epoch_indices
 
 __all__ = ["Trainer", "train"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
 
 
 def _field_loss(fn: LossFn) -> LossFn:
@@ -81,11 +62,6 @@ def _field_loss(fn: LossFn) -> LossFn:
     if fn is getattr(L, "grad", None) or fn is getattr(L, "bending_energy", None):
         return lambda y_true, y_pred: fn(y_pred)
     return fn
-
-
-# --------------------------------------------------------------------------------------------
-# batches
-# --------------------------------------------------------------------------------------------
 
 
 def _to_tensor(value: Any, name: str) -> Tensor:
@@ -179,12 +155,8 @@ class _Batches:
         if self.kind == "dataset":
             if hasattr(self.data, "set_epoch"):
                 self.data.set_epoch(epoch)
-            n = len(self.data)
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), 7])
-            need = self.steps * self.batch_size
-            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])
-            batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
-                       for i in range(self.steps)]
+            batches = epoch_indices(len(self.data), self.steps, self.batch_size, self.seed,
+                                    epoch, stream=7).tolist()
             return DataLoader(self.data, batch_sampler=batches, num_workers=self.num_workers,
                               pin_memory=self.pin_memory, collate_fn=default_collate)
         return self._take(self.steps)
@@ -211,14 +183,51 @@ class _Batches:
                 raise RuntimeError("the data yielded no batch") from None
 
 
-# --------------------------------------------------------------------------------------------
-# the trainer
-# --------------------------------------------------------------------------------------------
+class Trainer(Engine):
+    """Fit a registration model with Adam on VoxelMorph's losses (see the module doc).
 
+    Args:
+        model: maps ``(moving, fixed)`` to ``(moved, disp)`` or ``(moved, moved_fixed, disp)``
+            (e.g. :class:`voxreg.nn.networks.VxmDense`).
+        data: a ``Dataset``, ``DataLoader`` or iterator of batches (see the module doc).
+        losses: one loss per term in the order ``transformer_loss``, (``neg_transformer_loss``
+            for bidirectional models), ``flow_loss``, and optionally ``seg_loss``; callables
+            ``(y_true, y_pred) -> scalar`` or names (see :func:`resolve_loss`). Default:
+            ``mse``, ``grad`` and, when the data has label maps, ``dice``. An image term may
+            be ``None`` (or get weight 0): it is then skipped, and the seg loss drives training.
+        loss_weights: one weight per term; default ``[1, 0.01]`` (``[0.5, 0.5, 0.01]`` when
+            bidirectional), plus ``0.01`` for a seg term (also when only it is left out).
+        epochs: total number of epochs (a resumed run continues up to it).
+        steps_per_epoch: optimizer steps per epoch; default ``len(dataset) // batch_size`` (or
+            ``len(loader)``); required for endless generators.
+        batch_size: pairs per step (for a Dataset; loaders and generators batch themselves).
+        lr: Adam learning rate.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+        seed: seeds the batch order and torch's RNG at each epoch.
+        out_dir: the run folder: ``history.csv``, ``loss.png``, ``checkpoint.safetensors``,
+            ``model.safetensors`` (see :mod:`voxreg.training.engine`).
+        checkpoint_every: also checkpoint every this many epochs (always at the end).
+        resume: ``True`` continues from ``out_dir/checkpoint.safetensors`` (if there is one), or
+            give a checkpoint path; exact for a ``Dataset`` (a warning for other data).
+        progress: show a tqdm bar.
+        val_fn: ``val_fn(model) -> float or dict``, called after each epoch in eval mode without
+            gradients; its values enter the history prefixed ``val_``.
+        reg_on: ``"auto"``, ``"velocity"`` (needs a model whose forward accepts
+            ``return_velocity``) or ``"disp"``: the field of the ``flow_loss``.
+        seg_labels: labels of the seg term; default the dataset's ``labels`` without 0, else
+            those in each batch.
+        seg_downsize: compute the seg term on a grid this many times coarser (default 1).
+        num_workers: ``DataLoader`` workers for a ``Dataset``.
+        verbose: print the per-epoch line.
+        metadata: stored in the checkpoints.
+        time_budget: seconds: no new epoch is started once the time spent plus the slowest
+            epoch so far would pass it; the run then ends as after its last epoch, with a
+            checkpoint and the final model, and can be resumed.
 
-
-class Trainer:
-    """Fit a registration model; see the module doc and :func:`train` for the arguments.
+    Raises:
+        TypeError: for a model that is not a module, or data of an unsupported kind.
+        ValueError: for an invalid argument or loss specification; in :meth:`fit`, for a batch
+            without the label maps a seg-only loss needs.
 
     Attributes after :meth:`fit`: ``history`` (list of per-epoch dicts), ``optimizer``,
     ``step`` (optimizer steps taken), ``epoch`` (epochs completed).
@@ -228,7 +237,7 @@ class Trainer:
         self,
         model: nn.Module,
         data: Any,
-        losses: Sequence[str | LossFn] | None = None,
+        losses: Sequence[str | LossFn | None] | None = None,
         loss_weights: Sequence[float] | None = None,
         epochs: int = 1,
         steps_per_epoch: int | None = None,
@@ -251,40 +260,16 @@ class Trainer:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        super().__init__(model, epochs=epochs, lr=lr, device=device, seed=seed, out_dir=out_dir,
+                         checkpoint_every=checkpoint_every, resume=resume,
+                         time_budget=time_budget, progress=progress, verbose=verbose,
+                         metadata=metadata)
+        self.batch_size = _checks.positive_int(batch_size, "batch_size")
         if reg_on not in ("auto", "velocity", "disp"):
             raise ValueError(f"reg_on must be 'auto', 'velocity' or 'disp', got {reg_on!r}")
-        if resume and out_dir is None and not isinstance(resume, (str, os.PathLike)):
-            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-        if isinstance(seg_downsize, bool) or not isinstance(seg_downsize, int) or seg_downsize < 1:
-            raise ValueError(f"seg_downsize must be a positive integer, got {seg_downsize!r}")
-
-        if time_budget is not None and (isinstance(time_budget, bool) or not (
-                isinstance(time_budget, (int, float)) and time_budget > 0)):
-            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
-
-        self.model = model
-        self.device = resolve_device(device)
-        self.epochs = epochs
-        self.time_budget = time_budget
-        self.batch_size = batch_size
-        self.lr = float(lr)
-        self.seed = int(seed)
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        self.resume = resume
-        self.progress = progress
-        self.verbose = verbose
+        self.seg_downsize = _checks.positive_int(seg_downsize, "seg_downsize")
         self.val_fn = val_fn
-        self.metadata = dict(metadata or {})
-        self.batches = _Batches(data, batch_size, steps_per_epoch, seed, num_workers,
+        self.batches = _Batches(data, self.batch_size, steps_per_epoch, self.seed, num_workers,
                                 self.device.type == "cuda")
         self.steps_per_epoch = self.batches.steps
 
@@ -300,16 +285,11 @@ class Trainer:
         self.seg_labels = None if seg_labels is None else [int(v) for v in seg_labels]
         if self.seg_labels is not None and not self.seg_labels:
             raise ValueError("seg_labels must hold at least one label")
-        self.seg_downsize = seg_downsize
         if self.seg_labels is None:
             found = getattr(data, "labels", None)
             if found is not None:
                 self.seg_labels = [int(v) for v in found if int(v) != 0]
         self._set_losses(losses, loss_weights)
-        self.history: list[dict[str, Any]] = []
-        self.step = 0
-        self.epoch = 0
-        self.optimizer: torch.optim.Optimizer | None = None
 
     def _accepts(self, keyword: str) -> bool:
         try:
@@ -367,8 +347,6 @@ class Trainer:
                 "nothing but smoothness to fit; give an image loss weight or a seg loss (e.g. "
                 "losses=[None, 'grad', 'dice'], loss_weights=[0, 0.01, 1] with label maps)"
             )
-
-    # ---------------------------------------------------------------------------------------
 
     def _forward(self, moving: Tensor, fixed: Tensor, moving_seg, fixed_seg) -> dict[str, Tensor]:
         if self._images_unused and (self._seg_fn is None or moving_seg is None):
@@ -434,20 +412,26 @@ class Trainer:
             total = total + self.seg_weight * terms["seg_loss"]
         return total
 
-    def _checkpoint(self, final: bool = False) -> None:
-        if self.out_dir is None:
-            return
-        meta = {**self.metadata, "training": self._settings()}
-        save_model(self.model, self.out_dir / CHECKPOINT_NAME, metadata=meta,
-                   optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-                   history=self.history)
-        if final:
-            save_model(self.model, self.out_dir / MODEL_NAME, metadata=meta, step=self.step,
-                       epoch=self.epoch, history=self.history)
-        if self.history:
-            plot_history(self.history, self.out_dir / PLOT_NAME)
+    # -- the engine's hooks ----------------------------------------------------------------------
 
-    def _settings(self) -> dict[str, Any]:
+    def begin_epoch(self, epoch: int) -> Iterable[Any]:
+        return self.batches.epoch(epoch)
+
+    def step_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        moving, fixed, moving_seg, fixed_seg = _parse_batch(batch)
+        moving = moving.to(self.device, torch.get_default_dtype(), non_blocking=True)
+        fixed = fixed.to(self.device, torch.get_default_dtype(), non_blocking=True)
+        if moving_seg is not None:
+            moving_seg = moving_seg.to(self.device, non_blocking=True)
+            fixed_seg = fixed_seg.to(self.device, non_blocking=True)
+        terms = self._forward(moving, fixed, moving_seg, fixed_seg)
+        return self._total(terms), terms
+
+    @property
+    def replayable(self) -> bool:
+        return self.batches.rewindable
+
+    def settings(self) -> dict[str, Any]:
         settings = {
             "losses": ["none" if f is None else getattr(f, "__name__", type(f).__name__)
                        for f in self.loss_fns]
@@ -465,93 +449,10 @@ class Trainer:
             settings["seg_downsize"] = self.seg_downsize
         return settings
 
-    def _resume(self) -> None:
-        path = restore(self, ("batch_size", "steps_per_epoch", "seed", "lr"))
-        if path is None:
-            return
-        if not self.batches.rewindable and self.epoch:
-            warnings.warn("resuming from a generator: the batches cannot be replayed, so the run "
-                          "will differ from an uninterrupted one (use a Dataset for exact resume)",
-                          stacklevel=3)
-        self._log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
-
-    def _log(self, line: str) -> None:
-        if self.verbose:
-            print(line, flush=True)
-
-    def fit(self) -> list[dict[str, Any]]:
-        """Train for ``epochs`` epochs (in total, counting those of a resumed checkpoint)."""
-        model = self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            self._resume()
-        start = self.epoch
-        tic_all = time.perf_counter()
-        slowest = 0.0
-        saved = False
-        for epoch in range(start, self.epochs):
-            if budget_spent(self.time_budget, epoch > start, tic_all, slowest):
-                self._log(f"time budget of {self.time_budget:.0f} s reached after epoch {epoch}")
-                break
-            torch.manual_seed(epoch_seed(self.seed, epoch))
-            model.train()
-            sums: dict[str, Tensor] = {}
-            counts: dict[str, int] = {}
-            tic = time.perf_counter()
-            bar = tqdm(total=self.steps_per_epoch, disable=not self.progress, leave=False,
-                       desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True)
-            for batch in self.batches.epoch(epoch):
-                moving, fixed, moving_seg, fixed_seg = _parse_batch(batch)
-                moving = moving.to(self.device, torch.get_default_dtype(), non_blocking=True)
-                fixed = fixed.to(self.device, torch.get_default_dtype(), non_blocking=True)
-                if moving_seg is not None:
-                    moving_seg = moving_seg.to(self.device, non_blocking=True)
-                    fixed_seg = fixed_seg.to(self.device, non_blocking=True)
-                terms = self._forward(moving, fixed, moving_seg, fixed_seg)
-                loss = self._total(terms)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {self.step + 1}; "
-                        "lower lr or check the data"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                values = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-                for k, v in values.items():  # summed on the device: no sync per step
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                    counts[k] = counts.get(k, 0) + 1
-                bar.update(1)
-                if self.progress and (self.step % 10 == 0 or counts["loss"] == 1):
-                    bar.set_postfix(loss=f"{values['loss'].item():.4g}")
-            bar.close()
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
-            row.update({k: float(v) / counts[k] for k, v in sums.items()})
-            if self.val_fn is not None:
-                row.update(self._validate())
-            row["seconds"] = round(time.perf_counter() - tic, 3)
-            slowest = max(slowest, row["seconds"])
-            self.history.append(row)
-            self.epoch = epoch + 1
-            self._log(self._line(row))
-            saved = False
-            if self.out_dir is not None:
-                write_history(self.history, self.out_dir / HISTORY_NAME)
-                last = self.epoch == self.epochs
-                if last or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
-                    self._checkpoint(final=last)
-                    saved = last
-        if self.out_dir is not None and not saved:
-            # the end of the run (all epochs done before, or the time budget): checkpoint and
-            # the final model
-            self._checkpoint(final=True)
-        model.eval()
-        return self.history
-
-    def _validate(self) -> dict[str, float]:
+    def epoch_metrics(self) -> dict[str, float]:
+        """The validation values (``val_fn``), prefixed ``val_``."""
+        if self.val_fn is None:
+            return {}
         self.model.eval()
         with torch.no_grad():
             result = self.val_fn(self.model)
@@ -566,75 +467,28 @@ class Trainer:
             out[key] = float(v)
         return out
 
-    def _line(self, row: dict[str, Any]) -> str:
-        parts = [f"epoch {row['epoch']}/{self.epochs}"]
-        parts += [f"{k}: {v:.4g}" for k, v in row.items()
-                  if k not in ("epoch", "step", "seconds") and isinstance(v, float)]
-        parts.append(f"({row['seconds']:.2f} s)")
-        return "  ".join(parts)
-
 
 def train(
     model: nn.Module,
     data: Any,
-    losses: Sequence[str | LossFn] | None = None,
+    losses: Sequence[str | LossFn | None] | None = None,
     loss_weights: Sequence[float] | None = None,
-    epochs: int = 1,
-    steps_per_epoch: int | None = None,
-    batch_size: int = 1,
-    lr: float = 1e-4,
-    device: str | torch.device | None = "auto",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool | str | os.PathLike = False,
-    progress: bool = True,
-    val_fn: Callable[[nn.Module], Any] | None = None,
-    **kwargs: Any,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with Adam on VoxelMorph's losses; return the history.
 
-    Args:
-        model: maps ``(moving, fixed)`` to ``(moved, disp)`` or ``(moved, moved_fixed, disp)``
-            (e.g. :class:`voxreg.nn.networks.VxmDense`).
-        data: a ``Dataset``, ``DataLoader`` or iterator of batches (see the module doc).
-        losses: one loss per term in the order ``transformer_loss``, (``neg_transformer_loss``
-            for bidirectional models), ``flow_loss``, and optionally ``seg_loss``; callables
-            ``(y_true, y_pred) -> scalar`` or names (see :func:`resolve_loss`). Default:
-            ``mse``, ``grad`` and, when the data has label maps, ``dice``. An image term may
-            be ``None`` (or get weight 0): it is then skipped, and the seg loss drives training.
-        loss_weights: one weight per term; default ``[1, 0.01]`` (``[0.5, 0.5, 0.01]`` when
-            bidirectional), plus ``0.01`` for a seg term (also when only it is left out).
-        epochs: total number of epochs (a resumed run continues up to it).
-        steps_per_epoch: optimizer steps per epoch; default ``len(dataset) // batch_size`` (or
-            ``len(loader)``); required for endless generators.
-        batch_size: pairs per step (for a Dataset; loaders and generators batch themselves).
-        lr: Adam learning rate.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
-        seed: seeds the batch order and torch's RNG at each epoch.
-        out_dir: folder for ``history.csv``, ``loss.png`` and the checkpoints.
-        checkpoint_every: also checkpoint every this many epochs (always at the end).
-        resume: ``True`` continues from ``out_dir/checkpoint.safetensors`` (if there is one), or
-            give a checkpoint path.
-        progress: show a tqdm bar.
-        val_fn: ``val_fn(model) -> float or dict``, called after each epoch in eval mode without
-            gradients; its values enter the history prefixed ``val_``.
-        **kwargs: ``reg_on`` (``"auto"``, ``"velocity"`` or ``"disp"``), ``seg_labels`` (labels of
-            the seg term; default the dataset's ``labels`` without 0, else those in each batch),
-            ``seg_downsize`` (compute the seg term on a grid this many times coarser, default 1),
-            ``num_workers``, ``verbose`` (print the per-epoch line), ``metadata`` (stored in the
-            checkpoints), ``time_budget`` (seconds: no new epoch is started once the time spent
-            plus the slowest epoch so far would pass it; the run then ends as after its last
-            epoch, with a checkpoint and the final model, and can be resumed).
+    ``Trainer(model, data, losses, loss_weights, **options).fit()``: the arguments and
+    ``options`` (``epochs``, ``batch_size``, ``lr``, ``out_dir``, ``resume``, ``val_fn``...) are
+    those of :class:`Trainer`, which documents them, the files written and the errors.
 
     Returns:
         The history: a list of per-epoch dicts (``epoch``, ``step``, ``loss``, each term,
-        validation values, ``seconds``).
+        validation values, ``seconds``), as also written to ``out_dir/history.csv``.
+
+    >>> from voxreg.data import ScanToScanDataset
+    >>> from voxreg.nn.networks import VxmDense
+    >>> model = VxmDense((64, 64))
+    >>> history = train(model, ScanToScanDataset(images), epochs=10, batch_size=8,
+    ...                 out_dir="run", resume=True)  # doctest: +SKIP
     """
-    trainer = Trainer(
-        model, data, losses, loss_weights, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, lr=lr, device=device, seed=seed, out_dir=out_dir,
-        checkpoint_every=checkpoint_every, resume=resume, progress=progress, val_fn=val_fn,
-        **kwargs,
-    )
-    return trainer.fit()
+    return Trainer(model, data, losses, loss_weights, **options).fit()
