@@ -25,9 +25,13 @@ import ctypes
 import ctypes.util
 import os
 import platform
+from pathlib import Path
 
 import torch
 from torch import nn
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+"""Where the shipped models and their reference images live (``voxreg/models``)."""
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2

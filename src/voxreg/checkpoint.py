@@ -35,7 +35,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from voxreg._atomic import atomic_path
-from voxreg._runtime import resolve_device
+from voxreg._runtime import MODELS_DIR, resolve_device
 from voxreg._version import __version__
 from voxreg.nn.registry import build_model
 from voxreg.nn.template import TEMPLATE_CLASSES, TemplateModel
@@ -55,7 +55,6 @@ __all__ = [
 
 FORMAT = "voxreg"
 FORMAT_VERSION = "1"
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 _SUFFIX = ".safetensors"
 _MODEL_PREFIX = "model."
 _OPTIM_PREFIX = "optim."
