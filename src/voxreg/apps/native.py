@@ -1,0 +1,245 @@
+"""Register two scans as they come (any grid, orientation, voxel size, intensity range, whole head
+or skull-stripped) with a model trained in a fixed domain, the way mri_synthmorph does.
+
+The pipeline (:func:`register_native`):
+
+1. **Each scan to the model's reference** (:func:`align_to_reference`): an affine registration
+   of the whole scan to the domain's reference image (mutual information), the reference's brain
+   mask pulled back onto the scan (dilated by ``mask_dilation`` voxels of the reference grid),
+   then a second affine registration of the masked scan. The result is the world map
+   ``reference RAS mm -> scan RAS mm`` and the scan's brain mask.
+2. **Into the model's domain, one interpolation**: both scans are sampled on the domain grid
+   through their maps, masked with the reference's brain mask (so whole heads look like the
+   skull-stripped training images) and scaled as the training images were
+   (:meth:`voxreg.domain.ModelDomain.scale_intensities`: divide by the 99.5th percentile in the
+   brain, clip to [0, 1]). Only the network sees these images.
+3. **The network** (optionally refined by instance optimisation, ``finetune`` steps) gives the
+   displacement ``u`` on the domain grid (voxels, pull-back).
+4. **One world-space transform**: a fixed-scan voxel ``y`` goes to the world, into the domain
+   through the fixed scan's map, by ``u`` (zero outside the domain grid), and out to the moving
+   scan through the moving scan's map: :attr:`NativeResult.coords` holds, for every voxel of the
+   fixed grid, the voxel of the *original* moving scan to read. The moved image is one
+   resampling of the original moving scan (:func:`voxreg.transforms.sample`), in its own
+   intensity units; label maps use ``"label"`` or ``"nearest"``.
+
+Frames: world = RAS millimetres (the NIfTI convention, ``docs/conventions.md`` rule 12); affine
+world matrices pull back (``reference -> scan``, ``fixed -> moving``), as
+:class:`voxreg.affine.AffineResult.world_matrix`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from voxreg import io
+from voxreg import transforms as T
+from voxreg._runtime import model_device
+from voxreg.affine import register_affine
+from voxreg.domain import ModelDomain
+from voxreg.registration import finetune, register
+
+__all__ = ["NativeResult", "align_to_reference", "domain_coords", "register_native"]
+
+
+@dataclass
+class NativeResult:
+    """What :func:`register_native` returns (numpy arrays; world = RAS mm).
+
+    Attributes:
+        coords: ``(ndim, *fixed_shape)`` float32: for each fixed-grid voxel, the voxel
+            coordinates (``ij``) of the original moving scan it shows. The whole transform.
+        world_disp: ``(ndim, *fixed_shape)`` float32: the same map as a world displacement,
+            ``moving_point - fixed_point`` in RAS mm (pull-back).
+        fixed_to_moving: ``(4, 4)`` the affine part alone, fixed RAS -> moving RAS.
+        reference_to_fixed, reference_to_moving: ``(4, 4)`` each scan's map from the domain.
+        domain_disp: ``(1, ndim, *domain.shape)`` the network's displacement (domain voxels).
+        domain_moving, domain_fixed: the network's inputs ``(*domain.shape)``.
+        fixed_mask, moving_mask: each scan's brain mask on its own grid (boolean).
+        seconds: time per stage.
+    """
+
+    coords: np.ndarray
+    world_disp: np.ndarray
+    fixed_to_moving: np.ndarray
+    reference_to_fixed: np.ndarray
+    reference_to_moving: np.ndarray
+    domain_disp: np.ndarray
+    domain_moving: np.ndarray
+    domain_fixed: np.ndarray
+    fixed_mask: np.ndarray
+    moving_mask: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def resample(self, moving: io.Image | np.ndarray, interp: str = "linear",
+                 fill_value: float = 0.0) -> np.ndarray:
+        """The moving scan (or a label map on its grid) on the fixed grid, one interpolation.
+
+        Integer data keep their dtype with ``interp="nearest"`` or ``"label"``.
+        """
+        data = moving.data if isinstance(moving, io.Image) else np.asarray(moving)
+        tensor = torch.from_numpy(np.ascontiguousarray(data))[None, None]
+        coords = torch.from_numpy(self.coords)[None]
+        if tensor.is_floating_point():
+            coords = coords.to(tensor.dtype)
+        return T.sample(tensor, coords, interp=interp, fill_value=fill_value)[0, 0].numpy()
+
+
+def _grid_points(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """World coordinates ``(3, *shape)`` of a grid's voxel centres (2D grids: the first two)."""
+    index = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape],
+                                 indexing="ij"))
+    ndim = len(shape)
+    return np.tensordot(affine[:3, :ndim], index, axes=1) + affine[:3, 3].reshape(3, *[1] * ndim)
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``matrix (4, 4)`` applied to points ``(3, *shape)``."""
+    return np.tensordot(matrix[:3, :3], points, axes=1) + matrix[:3, 3].reshape(
+        3, *[1] * (points.ndim - 1))
+
+
+def _to_voxels(points: np.ndarray, affine: np.ndarray, ndim: int) -> np.ndarray:
+    """World points ``(3, *shape)`` -> voxel coordinates ``(ndim, *shape)`` of a grid."""
+    return _apply(np.linalg.inv(affine), points)[:ndim]
+
+
+def domain_coords(image_affine: np.ndarray, domain: ModelDomain,
+                  reference_to_image: np.ndarray) -> np.ndarray:
+    """``(ndim, *domain.shape)`` voxel coordinates of ``image`` for each domain voxel, through the
+    world map ``reference_to_image`` (domain RAS -> image RAS)."""
+    world = _apply(reference_to_image, _grid_points(domain.shape, domain.affine))
+    return _to_voxels(world, image_affine, domain.ndim).astype(np.float32)
+
+
+def _sample(data: np.ndarray, coords: np.ndarray, interp: str = "linear") -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+    return T.sample(tensor, torch.from_numpy(coords)[None], interp=interp)[0, 0].numpy()
+
+
+def align_to_reference(image: io.Image, domain: ModelDomain, *, mask_dilation: int = 1,
+                       reference: io.Image | None = None,
+                       reference_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Affine map from the domain's reference to ``image`` and the image's brain mask.
+
+    Two affine registrations (mutual information): the whole scan, then the scan masked by the
+    reference's brain mask pulled back through the first map (so a skull, neck or field of view
+    larger than the reference does not pull the second one).
+
+    Args:
+        image: a 3D scan on any grid (whole head or skull-stripped, any intensity range).
+        domain: the model's domain; must have a reference image and mask.
+        mask_dilation: voxels of the reference grid by which the brain mask is grown.
+        reference, reference_mask: the domain's reference image and mask (loaded when ``None``).
+
+    Returns:
+        ``(reference_to_image, mask)``: ``(4, 4)`` RAS mm map (pull-back: a reference point ->
+        the image point that shows it) and a boolean mask on the image's grid.
+    """
+    reference = domain.reference_image() if reference is None else reference
+    brain = domain.reference_mask() if reference_mask is None else reference_mask
+    if mask_dilation:
+        brain = ndimage.binary_dilation(brain, iterations=int(mask_dilation))
+    first = register_affine(image, reference).world_matrix
+    image_to_reference_voxels = _to_voxels(
+        _apply(np.linalg.inv(first), _grid_points(image.shape, image.affine)),
+        domain.affine, domain.ndim).astype(np.float32)
+    mask = _sample(brain.astype(np.float32), image_to_reference_voxels) > 0.5
+    if not mask.any():
+        raise ValueError(f"the brain mask of the reference does not overlap the scan "
+                         f"{str(image.path or 'image')!r} after affine alignment")
+    stripped = io.Image(np.where(mask, image.data, 0).astype(np.float32), image.affine,
+                        image.header, image.path)
+    second = register_affine(stripped, reference).world_matrix
+    return second, mask
+
+
+def register_native(
+    moving: io.Image,
+    fixed: io.Image,
+    model: nn.Module,
+    domain: ModelDomain,
+    *,
+    finetune_steps: int = 0,
+    finetune_options: dict[str, Any] | None = None,
+    mask_dilation: int = 1,
+    progress: bool = False,
+) -> NativeResult:
+    """Register two 3D scans on any grids through the model's domain (see the module doc).
+
+    Args:
+        moving, fixed: 3D scans (:class:`voxreg.io.Image`, one channel) with their affines.
+        model: a registration model (``VxmDense``) trained in ``domain``.
+        domain: the model's domain, with a reference image and brain mask.
+        finetune_steps: instance-optimisation steps in the domain (0: the network alone).
+        finetune_options: more arguments of :func:`voxreg.registration.finetune`.
+        mask_dilation: see :func:`align_to_reference`.
+        progress: progress bar for the instance optimisation.
+
+    Returns:
+        A :class:`NativeResult` on the fixed scan's grid.
+
+    Raises:
+        ValueError: for 2D or multi-channel scans, a domain without a reference, or a model
+            whose input shape differs from the domain's.
+    """
+    for name, image in (("moving", moving), ("fixed", fixed)):
+        if image.channels or image.ndim != 3:
+            raise ValueError(f"{name} must be a single-channel 3D scan for the native pipeline, "
+                             f"got shape {tuple(image.data.shape)}")
+    inshape = tuple(getattr(model, "inshape", domain.shape))
+    if inshape != tuple(domain.shape):
+        raise ValueError(f"the model takes {inshape} inputs but its domain grid is {domain.shape}")
+    seconds: dict[str, float] = {}
+    tic = time.perf_counter()
+    reference = domain.reference_image()
+    brain = domain.reference_mask()
+    ref_to_fixed, fixed_mask = align_to_reference(fixed, domain, mask_dilation=mask_dilation,
+                                                  reference=reference, reference_mask=brain)
+    ref_to_moving, moving_mask = align_to_reference(moving, domain, mask_dilation=mask_dilation,
+                                                    reference=reference, reference_mask=brain)
+    seconds["affine"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    inputs = []
+    for image, matrix in ((moving, ref_to_moving), (fixed, ref_to_fixed)):
+        resampled = _sample(np.asarray(image.data, np.float32),
+                            domain_coords(image.affine, domain, matrix))
+        inputs.append(np.where(brain, domain.scale_intensities(resampled, brain), 0.0)
+                      .astype(np.float32))
+    domain_moving, domain_fixed = inputs
+    seconds["resample"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    device = model_device(model)
+    if finetune_steps:
+        result = finetune(model, domain_moving, domain_fixed, steps=int(finetune_steps),
+                          progress=progress, device=device, **(finetune_options or {}))
+        disp = result.disp
+    else:
+        _, disp = register(model, domain_moving, domain_fixed, device=device)
+    disp = np.asarray(disp.detach().cpu() if isinstance(disp, torch.Tensor) else disp,
+                      dtype=np.float32).reshape(1, domain.ndim, *domain.shape)
+    seconds["network"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    fixed_points = _grid_points(fixed.shape, fixed.affine)
+    in_domain = _to_voxels(_apply(np.linalg.inv(ref_to_fixed), fixed_points), domain.affine,
+                           domain.ndim).astype(np.float32)
+    field = T.sample(torch.from_numpy(disp), torch.from_numpy(in_domain)[None])[0].numpy()
+    moving_points = _apply(ref_to_moving, _apply(domain.affine, in_domain + field))
+    coords = _to_voxels(moving_points, moving.affine, 3).astype(np.float32)
+    world_disp = (moving_points - fixed_points).astype(np.float32)
+    seconds["compose"] = time.perf_counter() - tic
+    return NativeResult(
+        coords=coords, world_disp=world_disp,
+        fixed_to_moving=ref_to_moving @ np.linalg.inv(ref_to_fixed),
+        reference_to_fixed=ref_to_fixed, reference_to_moving=ref_to_moving,
+        domain_disp=disp, domain_moving=domain_moving, domain_fixed=domain_fixed,
+        fixed_mask=fixed_mask, moving_mask=moving_mask, seconds=seconds)
