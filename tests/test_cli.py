@@ -3,7 +3,6 @@
 import csv
 import subprocess
 import sys
-import types
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +12,7 @@ from cli_helpers import assert_ok, assert_user_error, run
 
 import voxreg
 from voxreg import io
+from voxreg.apps import tutorial
 
 SHAPE = (16, 16, 16)
 AFFINE = np.array([[2.0, 0, 0, -16], [0, 2.0, 0, -16], [0, 0, 2.0, -16], [0, 0, 0, 1]])
@@ -210,8 +210,8 @@ def test_models_and_demo(tmp_path, monkeypatch):
     result = run("models")
     assert_ok(result)
     assert result.output.strip()
-    # the tutorial module missing: one clear line
-    monkeypatch.setitem(sys.modules, "voxreg.apps.tutorial", None)
+    # the tutorial missing (an incomplete installation): one clear line
+    monkeypatch.delattr(tutorial, "mnist_tutorial")
     assert_user_error(run("demo", "--out", tmp_path / "demo", "--quick"), "voxreg.apps.tutorial")
     # present: it is called with the folder and a short schedule for --quick
     calls = []
@@ -220,8 +220,7 @@ def test_models_and_demo(tmp_path, monkeypatch):
         calls.append((out_dir, epochs, steps_per_epoch))
         return {"dice": 0.5}
 
-    monkeypatch.setitem(sys.modules, "voxreg.apps.tutorial",
-                        types.SimpleNamespace(mnist_tutorial=fake_tutorial))
+    monkeypatch.setattr(tutorial, "mnist_tutorial", fake_tutorial, raising=False)
     result = run("demo", "--out", tmp_path / "demo", "--quick")
     assert_ok(result)
     assert calls == [(tmp_path / "demo", 2, 10)] and "dice: 0.5" in result.output

@@ -49,6 +49,7 @@ _EXPORTS = {
     "Trainer": "voxreg.training",
     "train": "voxreg.training",
     "tune_allocator": "voxreg._runtime",
+    "register_files": "voxreg.apps.register",
 }
 _MODULES = {
     "affine": "voxreg.affine",
