@@ -62,6 +62,9 @@ class NativeResult:
         domain_disp: ``(1, ndim, *domain.shape)`` the network's displacement (domain voxels).
         domain_moving, domain_fixed: the network's inputs ``(*domain.shape)``.
         fixed_mask, moving_mask: each scan's brain mask on its own grid (boolean).
+        inverse_coords: with ``inverse=True``: ``(ndim, *moving_shape)``, for each moving-grid
+            voxel the fixed-scan voxel it shows (the inverse transform); else ``None``.
+        registration: what the network (or the instance optimisation) returned in the domain.
         seconds: time per stage.
     """
 
@@ -75,6 +78,8 @@ class NativeResult:
     domain_fixed: np.ndarray
     fixed_mask: np.ndarray
     moving_mask: np.ndarray
+    inverse_coords: np.ndarray | None = None
+    registration: Any = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def resample(self, moving: io.Image | np.ndarray, interp: str = "linear",
@@ -83,12 +88,25 @@ class NativeResult:
 
         Integer data keep their dtype with ``interp="nearest"`` or ``"label"``.
         """
-        data = moving.data if isinstance(moving, io.Image) else np.asarray(moving)
-        tensor = torch.from_numpy(np.ascontiguousarray(data))[None, None]
-        coords = torch.from_numpy(self.coords)[None]
-        if tensor.is_floating_point():
-            coords = coords.to(tensor.dtype)
-        return T.sample(tensor, coords, interp=interp, fill_value=fill_value)[0, 0].numpy()
+        return _resample(moving, self.coords, interp, fill_value)
+
+    def resample_fixed(self, fixed: io.Image | np.ndarray, interp: str = "linear",
+                       fill_value: float = 0.0) -> np.ndarray:
+        """The fixed scan (or a label map on its grid) on the moving grid by the inverse
+        transform (needs ``inverse=True``), one interpolation."""
+        if self.inverse_coords is None:
+            raise ValueError("register_native(..., inverse=True) computes the inverse transform")
+        return _resample(fixed, self.inverse_coords, interp, fill_value)
+
+
+def _resample(image: io.Image | np.ndarray, coords: np.ndarray, interp: str,
+              fill_value: float) -> np.ndarray:
+    data = image.data if isinstance(image, io.Image) else np.asarray(image)
+    tensor = torch.from_numpy(np.ascontiguousarray(data))[None, None]
+    points = torch.from_numpy(coords)[None]
+    if tensor.is_floating_point():
+        points = points.to(tensor.dtype)
+    return T.sample(tensor, points, interp=interp, fill_value=fill_value)[0, 0].numpy()
 
 
 def _grid_points(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -169,6 +187,7 @@ def register_native(
     finetune_steps: int = 0,
     finetune_options: dict[str, Any] | None = None,
     mask_dilation: int = 1,
+    inverse: bool = False,
     progress: bool = False,
 ) -> NativeResult:
     """Register two 3D scans on any grids through the model's domain (see the module doc).
@@ -180,6 +199,7 @@ def register_native(
         finetune_steps: instance-optimisation steps in the domain (0: the network alone).
         finetune_options: more arguments of :func:`voxreg.registration.finetune`.
         mask_dilation: see :func:`align_to_reference`.
+        inverse: also compute the inverse transform (:attr:`NativeResult.inverse_coords`).
         progress: progress bar for the instance optimisation.
 
     Returns:
@@ -220,26 +240,45 @@ def register_native(
     device = model_device(model)
     if finetune_steps:
         result = finetune(model, domain_moving, domain_fixed, steps=int(finetune_steps),
-                          progress=progress, device=device, **(finetune_options or {}))
-        disp = result.disp
+                          progress=progress, device=device, inverse=inverse,
+                          **(finetune_options or {}))
     else:
-        _, disp = register(model, domain_moving, domain_fixed, device=device)
-    disp = np.asarray(disp.detach().cpu() if isinstance(disp, torch.Tensor) else disp,
-                      dtype=np.float32).reshape(1, domain.ndim, *domain.shape)
+        result = register(model, domain_moving, domain_fixed, device=device, inverse=inverse,
+                          return_time=True)
+    disp = _field(result.disp, domain)
     seconds["network"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    fixed_points = _grid_points(fixed.shape, fixed.affine)
-    in_domain = _to_voxels(_apply(np.linalg.inv(ref_to_fixed), fixed_points), domain.affine,
-                           domain.ndim).astype(np.float32)
-    field = T.sample(torch.from_numpy(disp), torch.from_numpy(in_domain)[None])[0].numpy()
-    moving_points = _apply(ref_to_moving, _apply(domain.affine, in_domain + field))
-    coords = _to_voxels(moving_points, moving.affine, 3).astype(np.float32)
-    world_disp = (moving_points - fixed_points).astype(np.float32)
+    coords, world_disp = _through_domain(fixed, moving, ref_to_fixed, ref_to_moving, disp, domain)
+    inverse_coords = None
+    if inverse:
+        inverse_coords, _ = _through_domain(moving, fixed, ref_to_moving, ref_to_fixed,
+                                            _field(result.inverse_disp, domain), domain)
     seconds["compose"] = time.perf_counter() - tic
     return NativeResult(
         coords=coords, world_disp=world_disp,
         fixed_to_moving=ref_to_moving @ np.linalg.inv(ref_to_fixed),
         reference_to_fixed=ref_to_fixed, reference_to_moving=ref_to_moving,
         domain_disp=disp, domain_moving=domain_moving, domain_fixed=domain_fixed,
-        fixed_mask=fixed_mask, moving_mask=moving_mask, seconds=seconds)
+        fixed_mask=fixed_mask, moving_mask=moving_mask, inverse_coords=inverse_coords,
+        registration=result, seconds=seconds)
+
+
+def _field(value: Any, domain: ModelDomain) -> np.ndarray:
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return array.astype(np.float32).reshape(1, domain.ndim, *domain.shape)
+
+
+def _through_domain(target: io.Image, source: io.Image, ref_to_target: np.ndarray,
+                    ref_to_source: np.ndarray, disp: np.ndarray, domain: ModelDomain
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """For each voxel of ``target``'s grid, the ``source`` voxel it shows (``(ndim, *shape)``)
+    and the world displacement (RAS mm): into the domain through ``ref_to_target``, by ``disp``
+    (domain voxels, zero outside the domain grid), out through ``ref_to_source``."""
+    points = _grid_points(target.shape, target.affine)
+    in_domain = _to_voxels(_apply(np.linalg.inv(ref_to_target), points), domain.affine,
+                           domain.ndim).astype(np.float32)
+    field = T.sample(torch.from_numpy(disp), torch.from_numpy(in_domain)[None])[0].numpy()
+    source_points = _apply(ref_to_source, _apply(domain.affine, in_domain + field))
+    coords = _to_voxels(source_points, source.affine, domain.ndim).astype(np.float32)
+    return coords, (source_points - points).astype(np.float32)

@@ -37,6 +37,9 @@ from voxreg.apps.files import (
     resolve_model,
     source_path,
 )
+from voxreg.apps.native import NativeResult, register_native
+from voxreg.domain import ModelDomain, model_domain
+from voxreg.transform_files import save_affine, save_displacement
 
 __all__ = ["RegisterResult", "register_files"]
 
@@ -61,6 +64,10 @@ class RegisterResult:
             fixed-point approximation of a plain model, ``None`` without an inverse.
         inverse_residual: mean norm (voxels) of ``compose(disp, inverse_disp)``, or ``None``.
         affine: the affine step's :class:`voxreg.affine.AffineResult` with ``affine=True``.
+        native: with the native pipeline (the scans were brought into the model's domain): the
+            :class:`voxreg.apps.native.NativeResult` (each scan's map from the reference, the
+            network's field in the domain, the composed map, timings); ``None`` otherwise.
+        moved_labels: with ``moving_labels``: the label map on the fixed grid.
         registration: what the network (or the finetuning) returned: a
             :class:`voxreg.registration.RegistrationResult` or, with ``finetune``, a
             :class:`voxreg.registration.FinetuneResult` (steps taken, losses...).
@@ -81,6 +88,8 @@ class RegisterResult:
     inverse_exact: bool | None = None
     inverse_residual: float | None = None
     affine: AffineResult | None = None
+    native: NativeResult | None = None
+    moved_labels: io.Image | None = None
     written: dict[str, Path] = field(default_factory=dict)
 
 
@@ -142,6 +151,10 @@ def register_files(
     affine_loss: Literal["mi", "ncc", "mse"] = "mi",
     normalize: Literal["percentile", "minmax", "none"] | None = None,
     device: str | torch.device = "auto",
+    pipeline: Literal["auto", "native", "direct"] = "auto",
+    moving_labels: ImageLike | None = None,
+    moved_labels: PathLike | None = None,
+    label_interp: Literal["label", "nearest"] = "label",
 ) -> RegisterResult:
     """Register ``moving`` to ``fixed`` with a trained model, as ``voxreg register`` does.
 
@@ -178,6 +191,20 @@ def register_files(
         normalize: intensity normalisation to [0, 1] (:func:`voxreg.io.normalize`); default: what
             the model was trained with if its metadata says, else ``"percentile"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device`.
+        pipeline: ``"auto"`` (default): scans that are not already on the model's domain grid
+            go through the native pipeline when the model records a 3D domain with a reference
+            (:mod:`voxreg.apps.native`: each scan affinely aligned to the reference, brain
+            masked, one resampling into the domain, the network, one composed world transform
+            applied to the original moving scan); ``"native"``: always that; ``"direct"``: the
+            images go to the network on the fixed grid (with ``resample``/``affine`` as asked).
+            In the native pipeline ``moved`` is in the moving scan's own intensity units,
+            ``warp`` is a world-space displacement on the fixed grid (ANTs LPS mm for NIfTI,
+            voxels for ``.npz``), ``inverse_warp`` lies on the moving grid and ``transform`` is
+            the affine part (``.txt``, ``.tfm`` or ``.mat``).
+        moving_labels: a label map on the moving scan's grid to carry onto the fixed grid
+            (written to ``moved_labels``, integer dtype kept).
+        moved_labels: output file of the moved label map.
+        label_interp: ``"label"`` (ANTs' genericLabel rule) or ``"nearest"``.
 
     Returns:
         A :class:`RegisterResult`: the moved image, the displacement ``(1, ndim, *spatial)``
@@ -207,6 +234,30 @@ def register_files(
     named = [("--moved", moved), ("--warp", warp), ("--inverse-warp", inverse_warp),
              ("--moved-fixed", moved_fixed), ("--transform", transform)]
     named = [(option, value) for option, value in named if value is not None]
+    if (moving_labels is None) != (moved_labels is None):
+        raise ValueError("--moving-labels and --moved-labels go together")
+    if moved_labels is not None:
+        named.append(("--moved-labels", moved_labels))
+        inputs += tuple(p for p in (source_path(moving_labels),) if p is not None)
+    if pipeline not in ("auto", "native", "direct"):
+        raise ValueError(f"--pipeline must be auto, native or direct, got {pipeline!r}")
+    dev = resolve_device(device)
+    net = resolve_model(model, dev)
+    ndim = registration.model_ndim(net)
+    domain = model_domain(net)
+    if _use_native(pipeline, domain, ndim, affine, resample, moving, fixed):
+        _check_outputs(named, inputs, "voxel", "voxreg")
+        for option, value in named:
+            if option in ("--warp", "--inverse-warp") and io.format_of(value) not in (
+                    ".nii.gz", ".nii", ".npz"):
+                raise ValueError(f"{option}: a world-space warp is a .nii.gz/.nii file (ANTs LPS "
+                                 f"mm) or .npz (voxels), got {str(value)!r}")
+        return _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
+                                moved_fixed, transform, finetune, finetune_lr, finetune_lambda,
+                                image_loss, progress, moving_labels, moved_labels, label_interp)
+    if moved_labels is not None:
+        raise ValueError("--moving-labels needs the native pipeline (a 3D model with a domain); "
+                         "warp labels with 'voxreg warp --interp label' instead")
     if transform is not None and not affine:
         raise ValueError("--transform needs --affine (it is the affine step's transform)")
     if affine and (inverse_warp is not None or moved_fixed is not None):
@@ -215,9 +266,6 @@ def register_files(
         raise ValueError(f"--transform must be a .txt or .tfm file (ITK text), got {str(transform)!r}")
     _check_outputs(named, inputs, warp_units, warp_format)
 
-    dev = resolve_device(device)
-    net = resolve_model(model, dev)
-    ndim = registration.model_ndim(net)
     norm = model_normalize(net, normalize)
     affine_result = None
     if affine:
@@ -271,3 +319,101 @@ def register_files(
         inverse_exact=result.inverse_exact, inverse_residual=result.inverse_residual,
         affine=affine_result, written=written,
     )
+
+
+def _use_native(pipeline: str, domain: ModelDomain | None, ndim: int, affine: bool,
+                resample: bool, moving: ImageLike, fixed: ImageLike) -> bool:
+    """Whether ``register_files`` takes the native pipeline (see its ``pipeline`` argument)."""
+    if pipeline == "direct":
+        return False
+    usable = (domain is not None and domain.reference is not None and domain.ndim == 3
+              and ndim == 3 and domain.purpose == "registration")
+    if pipeline == "native":
+        if not usable:
+            raise ValueError("--pipeline native needs a 3D registration model whose file records "
+                             "its domain and reference (see 'voxreg models')")
+        return True
+    if not usable or affine or resample:
+        return False
+    mov, fix = as_image(moving, "moving"), as_image(fixed, "fixed")
+    if mov.channels or fix.channels or mov.ndim != 3 or fix.ndim != 3:
+        return False
+    return not (domain.on_grid(mov) and domain.on_grid(fix))
+
+
+def _voxel_field(world_disp: np.ndarray, affine: np.ndarray) -> Tensor:
+    """A world displacement ``(3, *shape)`` (RAS mm) as voxels of the grid of ``affine``."""
+    inverse = np.linalg.inv(affine[:3, :3])
+    disp = np.tensordot(inverse, world_disp, axes=1).astype(np.float32)
+    return torch.from_numpy(disp)[None]
+
+
+def _write_field(path: PathLike, disp: Tensor, affine: np.ndarray) -> Path:
+    convention = "voxel" if str(path).lower().endswith(".npz") else "lps-mm"
+    return save_displacement(path, disp[0], affine, convention=convention)
+
+
+def _in_units_of(data: np.ndarray, like: io.Image) -> np.ndarray:
+    """Resampled intensities in the dtype of the scan they come from (integers rounded and
+    clipped to the dtype's range; float data as float32)."""
+    dtype = like.data.dtype
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(data), info.min, info.max).astype(dtype)
+    return data.astype(np.float32)
+
+
+def _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp, moved_fixed,
+                     transform, finetune, finetune_lr, finetune_lambda, image_loss, progress,
+                     moving_labels, moved_labels, label_interp) -> RegisterResult:
+    """The native pipeline of :func:`register_files` (:func:`voxreg.apps.native.register_native`)."""
+    mov, fix = as_image(moving, "moving"), as_image(fixed, "fixed")
+    labels = as_image(moving_labels, "moving_labels", labels=True) if moving_labels is not None \
+        else None
+    if labels is not None and labels.shape != mov.shape:
+        raise ValueError(f"--moving-labels must lie on the moving scan's grid {mov.shape}, got "
+                         f"{labels.shape}")
+    options = {k: v for k, v in (("lr", finetune_lr), ("lambda_", finetune_lambda),
+                                 ("image_loss", image_loss)) if v is not None}
+    want_inverse = inverse_warp is not None or moved_fixed is not None
+    result = register_native(mov, fix, net, domain, finetune_steps=finetune,
+                             finetune_options=options, inverse=want_inverse, progress=progress)
+    moved_data = _in_units_of(result.resample(mov), mov)
+    disp = _voxel_field(result.world_disp, fix.affine)
+    written: dict[str, Path] = {}
+    moved_image = io.Image(moved_data, fix.affine, fix.header, None, False)
+    if moved is not None:
+        written["--moved"] = moved_image.path = io.save_image(moved, moved_data, affine=fix.affine,
+                                                              header=fix.header)
+    if warp is not None:
+        written["--warp"] = _write_field(warp, disp, fix.affine)
+    inverse = moved_fixed_image = None
+    if want_inverse:
+        points = np.tensordot(mov.affine[:3, :3], result.inverse_coords, axes=1) + \
+            mov.affine[:3, 3].reshape(3, 1, 1, 1)
+        moving_points = np.tensordot(mov.affine[:3, :3], transforms.identity_grid(
+            mov.shape, dtype=torch.float64).numpy(), axes=1) + mov.affine[:3, 3].reshape(3, 1, 1, 1)
+        inverse = _voxel_field((points - moving_points).astype(np.float32), mov.affine)
+        if inverse_warp is not None:
+            written["--inverse-warp"] = _write_field(inverse_warp, inverse, mov.affine)
+        moved_fixed_data = _in_units_of(result.resample_fixed(fix), fix)
+        moved_fixed_image = io.Image(moved_fixed_data, mov.affine, mov.header, None, False)
+        if moved_fixed is not None:
+            written["--moved-fixed"] = moved_fixed_image.path = io.save_image(
+                moved_fixed, moved_fixed_data, affine=mov.affine, header=mov.header)
+    if transform is not None:
+        written["--transform"] = save_affine(transform, result.fixed_to_moving)
+    moved_labels_image = None
+    if labels is not None:
+        label_data = result.resample(labels, interp=label_interp)
+        moved_labels_image = io.Image(label_data, fix.affine, fix.header, None, False)
+        if moved_labels is not None:
+            written["--moved-labels"] = moved_labels_image.path = io.save_image(
+                moved_labels, label_data, affine=fix.affine, header=fix.header)
+    reg = result.registration
+    return RegisterResult(
+        moved=moved_image, disp=disp, seconds=float(sum(result.seconds.values())), device=dev,
+        registration=reg, inverse_disp=inverse, moved_fixed=moved_fixed_image,
+        inverse_exact=getattr(reg, "inverse_exact", None),
+        inverse_residual=getattr(reg, "inverse_residual", None), native=result,
+        moved_labels=moved_labels_image, written=written)

@@ -70,9 +70,22 @@ __all__ = ["register"]
               help=NORMALIZE_HELP + ". Default: what the model was trained with if it says, else "
               "'percentile'")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--pipeline", type=click.Choice(["auto", "native", "direct"]), default="auto",
+              show_default=True,
+              help="'auto': scans that are not on the model's domain grid are brought into it "
+              "(affine to the model's reference, brain mask, one resampling) and the result is "
+              "mapped back onto the fixed scan's grid; 'direct': the network runs on the fixed "
+              "grid as given")
+@click.option("--moving-labels", type=click.Path(),
+              help="a label map on the moving scan's grid to carry onto the fixed grid")
+@click.option("--moved-labels", "moved_labels_out", type=click.Path(),
+              help="output: the moved label map (with --moving-labels)")
+@click.option("--interp", "label_interp", type=click.Choice(["label", "nearest"]), default="label",
+              show_default=True, help="interpolation of --moving-labels")
 def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_fixed_out,
              warp_units, warp_format, finetune_steps, finetune_lr, finetune_lambda, image_loss,
-             progress, resample, affine_first, affine_loss, transform_out, normalize, device):
+             progress, resample, affine_first, affine_loss, transform_out, normalize, device,
+             pipeline, moving_labels, moved_labels_out, label_interp):
     """Register MOVING to FIXED with a trained model.
 
     Writes the moved image (and with --warp the displacement) on the fixed grid with the fixed
@@ -89,20 +102,31 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
             warp_format=warp_format, finetune=finetune_steps, finetune_lr=finetune_lr,
             finetune_lambda=finetune_lambda, image_loss=image_loss, progress=progress,
             resample=resample, affine=affine_first, affine_loss=affine_loss, normalize=normalize,
-            device=device)
+            device=device, pipeline=pipeline, moving_labels=moving_labels,
+            moved_labels=moved_labels_out, label_interp=label_interp)
     for warning in caught:
         click.echo(f"warning: {one_line(warning.message)}", err=True)
     click.echo(f"moved image: {moved_out}")
+    if result.native is not None:
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.native.seconds.items())
+        click.echo(f"native pipeline: scans brought into the model's domain ({stages})")
+        if warp_out is not None:
+            click.echo(f"warp: {warp_out} (world displacement on the fixed grid, "
+                       f"{'voxels' if str(warp_out).endswith('.npz') else 'ANTs LPS mm'})")
+        if moved_labels_out is not None:
+            click.echo(f"moved labels: {moved_labels_out} ({label_interp})")
     if result.affine is not None:
         click.echo(f"affine: {result.affine.seconds:.3f} s ({affine_loss})"
                    + (f", transform {transform_out}" if transform_out else ""))
     units = "ANTs LPS mm" if warp_format == "ants" else warp_units
-    if warp_out is not None:
+    if warp_out is not None and result.native is None:
         click.echo(f"warp: {warp_out} ({units})")
     if inverse_out is not None:
         kind = "exact: exp(-velocity)" if result.inverse_exact else "fixed-point approximation"
-        click.echo(f"inverse warp: {inverse_out} ({units}; {kind}, mean residual "
-                   f"{result.inverse_residual:.3g} voxels)")
+        residual = "" if result.inverse_residual is None else \
+            f", mean residual {result.inverse_residual:.3g} voxels"
+        where = "world displacement on the moving grid" if result.native is not None else units
+        click.echo(f"inverse warp: {inverse_out} ({where}; {kind}{residual})")
     if moved_fixed_out is not None:
         click.echo(f"moved fixed image: {moved_fixed_out}")
     if finetune_steps > 0:
