@@ -7,8 +7,9 @@ models (maintenance script; run once after training a shipped model).
   model (IXI T1 brains, affinely aligned to MNI152 at 2 mm), uint8 0..255 on the MNI 2 mm grid;
 * ``voxreg/models/ixi-t1-mni2mm-mask.nii.gz``: its brain mask (template smoothed by 1 voxel > 0.1,
   holes filled);
-* ``metadata["domain"]`` of every shipped model (:class:`voxreg.domain.ModelDomain`); weights,
-  config, counters and the rest of the metadata are kept as they are.
+* ``metadata["domain"]`` of every shipped model (:class:`voxreg.domain.ModelDomain`), and the
+  module paths its description names; weights, config, counters and the rest of the metadata
+  are kept as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ MNI_2MM_AXIAL = np.array([[2, 0, 0, -94], [0, 2, 0, -128], [0, 0, 2, 4], [0, 0, 
 SPACE = "MNI152 ICBM 2009a nonlinear symmetric (affine alignment)"
 PERCENTILE = {"method": "percentile", "upper": 99.5, "within": "brain mask", "clip": [0.0, 1.0]}
 REFERENCE, MASK = "ixi-t1-mni2mm", "ixi-t1-mni2mm-mask"
+# module paths named in the models' descriptions, as the layered package spells them now
+RENAMED = {"voxreg.template.TemplateCreation": "voxreg.nn.template.TemplateCreation",
+           "voxreg.template.load_template_model": "voxreg.load_model",
+           "voxreg.tutorials.mnist_tutorial": "voxreg.apps.tutorial.mnist_tutorial"}
 
 
 def domains() -> dict[str, ModelDomain]:
@@ -65,6 +70,9 @@ def main() -> None:
         ckpt = load_checkpoint(name)
         meta = dict(ckpt.metadata or {})
         meta["domain"] = table[name].to_metadata()
+        if isinstance(meta.get("description"), str):
+            for old, new in RENAMED.items():
+                meta["description"] = meta["description"].replace(old, new)
         model = ckpt.model
         save_model(model, MODELS_DIR / f"{name}.safetensors", metadata=meta, step=ckpt.step,
                    epoch=ckpt.epoch, history=ckpt.history)

@@ -189,6 +189,8 @@ def register_native(
     mask_dilation: int = 1,
     inverse: bool = False,
     progress: bool = False,
+    reference: io.Image | None = None,
+    reference_mask: np.ndarray | None = None,
 ) -> NativeResult:
     """Register two 3D scans on any grids through the model's domain (see the module doc).
 
@@ -201,6 +203,8 @@ def register_native(
         mask_dilation: see :func:`align_to_reference`.
         inverse: also compute the inverse transform (:attr:`NativeResult.inverse_coords`).
         progress: progress bar for the instance optimisation.
+        reference, reference_mask: the domain's reference image and brain mask (default: the
+            files the domain names, shipped with voxreg).
 
     Returns:
         A :class:`NativeResult` on the fixed scan's grid.
@@ -218,8 +222,8 @@ def register_native(
         raise ValueError(f"the model takes {inshape} inputs but its domain grid is {domain.shape}")
     seconds: dict[str, float] = {}
     tic = time.perf_counter()
-    reference = domain.reference_image()
-    brain = domain.reference_mask()
+    reference = domain.reference_image() if reference is None else reference
+    brain = domain.reference_mask() if reference_mask is None else np.asarray(reference_mask, bool)
     ref_to_fixed, fixed_mask = align_to_reference(fixed, domain, mask_dilation=mask_dilation,
                                                   reference=reference, reference_mask=brain)
     ref_to_moving, moving_mask = align_to_reference(moving, domain, mask_dilation=mask_dilation,

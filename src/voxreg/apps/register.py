@@ -234,8 +234,8 @@ def register_files(
     named = [("--moved", moved), ("--warp", warp), ("--inverse-warp", inverse_warp),
              ("--moved-fixed", moved_fixed), ("--transform", transform)]
     named = [(option, value) for option, value in named if value is not None]
-    if (moving_labels is None) != (moved_labels is None):
-        raise ValueError("--moving-labels and --moved-labels go together")
+    if moved_labels is not None and moving_labels is None:
+        raise ValueError("--moved-labels needs --moving-labels (the label map to carry)")
     if moved_labels is not None:
         named.append(("--moved-labels", moved_labels))
         inputs += tuple(p for p in (source_path(moving_labels),) if p is not None)
@@ -255,7 +255,7 @@ def register_files(
         return _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
                                 moved_fixed, transform, finetune, finetune_lr, finetune_lambda,
                                 image_loss, progress, moving_labels, moved_labels, label_interp)
-    if moved_labels is not None:
+    if moving_labels is not None:
         raise ValueError("--moving-labels needs the native pipeline (a 3D model with a domain); "
                          "warp labels with 'voxreg warp --interp label' instead")
     if transform is not None and not affine:
