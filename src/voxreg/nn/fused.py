@@ -53,6 +53,9 @@ def upsampled_conv_kernel(weight: Tensor) -> Tensor:
     Returns:
         ``(in, out, 4, 4)`` or ``(in, out, 4, 4, 4)`` for ``conv_transpose{2,3}d(x, kernel,
         stride=2, padding=1)``; autograd carries gradients back to ``weight``.
+
+    >>> upsampled_conv_kernel(torch.ones(5, 3, 3, 3)).shape
+    torch.Size([3, 5, 4, 4])
     """
     out_ch, in_ch = weight.shape[:2]
     ndim = weight.dim() - 2
@@ -62,7 +65,13 @@ def upsampled_conv_kernel(weight: Tensor) -> Tensor:
 
 
 def fusable(coarse: Tensor, skip: Tensor) -> bool:
-    """Whether :func:`upsample_concat_conv` applies to (and pays off for) these inputs."""
+    """Whether :func:`upsample_concat_conv` applies to (and pays off for) these inputs.
+
+    >>> fusable(torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 8, 8))   # too small to pay off
+    False
+    >>> fusable(torch.zeros(1, 8, 4, 5), torch.zeros(1, 8, 8, 11))  # not a plain x2
+    False
+    """
     if any(s != 2 * c for s, c in zip(skip.shape[2:], coarse.shape[2:])):
         return False  # odd sizes: the nearest upsampling is not a plain x2
     if coarse.shape[0] * coarse.shape[2:].numel() < FUSE_MIN_VOXELS:
@@ -90,6 +99,13 @@ def upsample_concat_conv(block: nn.Module, coarse: Tensor, skip: Tensor) -> Tens
 
     Returns:
         ``(B, out, *2 spatial)``.
+
+    >>> from voxreg.nn.networks import ConvBlock
+    >>> block = ConvBlock(2, 3 + 2, 4)
+    >>> coarse, skip = torch.randn(1, 3, 4, 4), torch.randn(1, 2, 8, 8)
+    >>> plain = block(torch.cat([F.interpolate(coarse, scale_factor=2.0), skip], dim=1))
+    >>> torch.allclose(upsample_concat_conv(block, coarse, skip), plain, atol=1e-6)
+    True
     """
     conv = block.main
     ndim = coarse.dim() - 2
