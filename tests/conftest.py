@@ -21,14 +21,23 @@ def one_thread():
 
 
 @pytest.fixture(params=DEVICES)
-def device(request) -> torch.device:
+def device(request):
     """Each device of this machine in turn (``cpu``, and ``cuda`` when available).
 
     A device-agnostic test builds its inputs as before (seeded CPU generators, numpy), moves them
     with ``.to(device)`` and brings results back with ``.cpu()`` for the references, so on a
-    machine without CUDA it runs exactly as it did without the fixture.
+    machine without CUDA it runs exactly as it did without the fixture. On CUDA, TF32 is turned
+    off while the test runs: the tests check the float32 / float64 arithmetic against references.
     """
-    return torch.device(request.param)
+    if request.param != "cuda":
+        yield torch.device(request.param)
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device(request.param)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(params=DTYPES, ids=["float32", "float64"])
