@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/mnist_tutorial.py --out $(OUT)/mnist
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

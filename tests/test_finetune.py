@@ -16,11 +16,11 @@ from voxreg.nn.networks import VxmDense
 from voxreg.registration import (
     DEFAULT_FINETUNE_STEPS,
     FinetuneResult,
-    _converged,
     finetune,
     loss_settings,
     register,
 )
+from voxreg.registration.finetuning import Adam, converged
 
 FEATURES = [[4, 4], [4, 4, 4]]
 
@@ -164,13 +164,13 @@ def test_early_stop_on_a_converged_pair():
 
 def test_converged_rule():
     falling = [0.5**k for k in range(40)]
-    assert not any(_converged(falling[:n], 10, 1e-3) for n in range(1, 41))
+    assert not any(converged(falling[:n], 10, 1e-3) for n in range(1, 41))
     flat = [1.0] * 10 + [0.9995] * 10
-    assert _converged(flat, 10, 1e-3) and not _converged(flat, 10, 1e-4)
+    assert converged(flat, 10, 1e-3) and not converged(flat, 10, 1e-4)
     negative = [-0.5] * 11  # NCC/MI losses are negative
-    assert _converged(negative, 10, 1e-3)
-    assert not _converged([-0.5] * 10 + [-0.6], 10, 1e-3)
-    assert not _converged(flat, 10, None)
+    assert converged(negative, 10, 1e-3)
+    assert not converged([-0.5] * 10 + [-0.6], 10, 1e-3)
+    assert not converged(flat, 10, None)
 
 
 @pytest.mark.parametrize("image_loss", ["ncc", "mi"])
@@ -355,13 +355,11 @@ def test_cli_errors(files, tmp_path):
 
 
 def test_adam_matches_torch():
-    from voxreg.registration import _Adam
-
     gen = torch.Generator().manual_seed(0)
     ours = torch.randn(3, 5, generator=gen).requires_grad_(True)
     theirs = ours.detach().clone().requires_grad_(True)
     target = torch.randn(3, 5, generator=gen)
-    mine, reference = _Adam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05)
+    mine, reference = Adam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05)
     for _ in range(20):
         for p, opt in ((ours, mine), (theirs, reference)):
             opt.zero_grad()

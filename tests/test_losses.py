@@ -33,9 +33,10 @@ def _textured(shape, seed=0):
 # ------------------------------------------------------------------------------------------
 
 
-def test_mse_matches_numpy():
+def test_mse_matches_numpy(device):
     a, b = _rand(2, 3, 5, 6, seed=1), _rand(2, 3, 5, 6, seed=2)
     expected = np.mean((a.numpy() - b.numpy()) ** 2)
+    a, b = a.to(device), b.to(device)
     assert L.mse(a, b).item() == pytest.approx(expected)
     assert L.MSE()(a, b).item() == pytest.approx(expected)
     assert L.MSE().loss(a, b).item() == pytest.approx(expected)
@@ -66,10 +67,10 @@ def _ncc_loop(t: np.ndarray, p: np.ndarray, win: int, eps: float = 1e-5) -> floa
 
 
 @pytest.mark.parametrize("shape, win", [((7, 8), 3), ((6, 7), 5), ((5, 4, 6), 3)])
-def test_ncc_matches_direct_loop(shape, win):
+def test_ncc_matches_direct_loop(shape, win, device):
     t, p = _rand(1, 1, *shape, seed=3), _rand(1, 1, *shape, seed=4)
     expected = _ncc_loop(t[0, 0].numpy(), p[0, 0].numpy(), win)
-    assert L.ncc(t, p, window=win).item() == pytest.approx(expected, rel=1e-9)
+    assert L.ncc(t.to(device), p.to(device), window=win).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_ncc_batch_and_channels_are_averaged():
@@ -97,10 +98,9 @@ def test_ncc_invariant_to_intensity_scaling():
     assert L.ncc(image, 3 * image).item() == pytest.approx(-1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ncc_constant_images_are_finite(dtype):
-    flat = torch.full((1, 1, 10, 10), 0.7, dtype=dtype, requires_grad=True)
-    textured = _textured((10, 10)).to(dtype).requires_grad_(True)
+def test_ncc_constant_images_are_finite(dtype, device):
+    flat = torch.full((1, 1, 10, 10), 0.7, dtype=dtype, device=device, requires_grad=True)
+    textured = _textured((10, 10)).to(device, dtype).requires_grad_(True)
     for a, b in [(flat, flat), (flat, textured), (textured, flat)]:
         value = L.ncc(a, b)
         assert torch.isfinite(value)
@@ -109,6 +109,7 @@ def test_ncc_constant_images_are_finite(dtype):
     # flat windows score 0, not NaN; only windows reaching the zero padding correlate
     flat = torch.full((1, 1, 16, 16), 0.7, dtype=dtype)
     expected = _ncc_loop(flat[0, 0].double().numpy(), flat[0, 0].double().numpy(), 5)
+    flat = flat.to(device)
     assert L.ncc(flat, flat, window=5).item() == pytest.approx(expected, rel=1e-4)
     assert -0.9 < expected < -0.1  # some zero-variance windows are counted as 0
 
@@ -177,8 +178,8 @@ def _one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, n).movedim(-1, 1).double()
 
 
-def test_dice_perfect_and_hand_computed():
-    labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 1], [2, 2, 1, 0]]])  # (1, 3, 4)
+def test_dice_perfect_and_hand_computed(device):
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 1], [2, 2, 1, 0]]], device=device)  # (1, 3, 4)
     onehot = _one_hot(labels, 3)
     assert L.dice(onehot, onehot).item() == pytest.approx(-1.0)
     other = labels.clone()
@@ -212,9 +213,10 @@ def _grad_numpy(field: np.ndarray, penalty: str) -> float:
 
 @pytest.mark.parametrize("penalty", ["l1", "l2"])
 @pytest.mark.parametrize("shape", [(2, 2, 6, 7), (2, 3, 4, 5, 6)])
-def test_grad_matches_numpy(penalty, shape):
+def test_grad_matches_numpy(penalty, shape, device):
     field = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = _grad_numpy(field.numpy(), penalty)
+    field = field.to(device)
     assert L.grad(field, penalty).item() == pytest.approx(expected)
     assert L.grad(field, penalty, loss_mult=2).item() == pytest.approx(2 * expected)
     module = L.Grad(penalty)
@@ -281,9 +283,11 @@ def test_bending_energy_zero_for_affine_positive_for_quadratic(spatial):
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 6, 7), (2, 3, 5, 4, 6)])
-def test_bending_energy_matches_numpy(shape):
+def test_bending_energy_matches_numpy(shape, device):
     field = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert L.bending_energy(field).item() == pytest.approx(_bending_numpy(field.numpy()))
+    expected = _bending_numpy(field.numpy())
+    field = field.to(device)
+    assert L.bending_energy(field).item() == pytest.approx(expected)
     field.requires_grad_(True)
     L.bending_energy(field).backward()
     assert torch.isfinite(field.grad).all()

@@ -38,9 +38,11 @@ def test_dice_label_sets():
         metrics.dice(a, b[:, :2])
 
 
-def test_dice_accepts_tensors():
+def test_dice_accepts_tensors(device):
     a, b = _cubes()
-    assert metrics.dice(torch.from_numpy(a), torch.from_numpy(b))[1] == pytest.approx(2 / 3)
+    a, b = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    assert metrics.dice(a, b)[1] == pytest.approx(2 / 3)
+    assert metrics.hausdorff95(a, b, 1) == pytest.approx(2.0)
 
 
 def test_hd95_two_cubes():
@@ -96,3 +98,11 @@ def test_jacobian_stats_identity_and_fold():
     assert metrics.jacobian_stats(mixed, mask=mask)["folding_percent"] == 0.0
     with pytest.raises(ValueError):
         metrics.jacobian_stats(np.zeros((3, 6, 6)))
+
+
+def test_jacobian_stats_accepts_tensors(device):
+    scale = np.zeros((1, 2, 6, 6))
+    scale[0, 0] = np.arange(6, dtype=np.float64)[:, None]  # x -> 2x along axis 0
+    stats = metrics.jacobian_stats(torch.from_numpy(scale).to(device))
+    assert stats == metrics.jacobian_stats(scale)
+    assert stats["jac_min"] == pytest.approx(2.0)

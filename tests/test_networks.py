@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from voxreg import transforms as T
 from voxreg.checkpoint import list_models, load_model, read_checkpoint
-from voxreg.nn import networks
+from voxreg.nn import fused, networks
 from voxreg.nn.networks import Transform, Unet, VxmDense
 from voxreg.nn.registry import MODEL_CLASSES, build_model
 from voxreg.nn.weights import inflate_weights
@@ -142,16 +142,16 @@ def _outputs_and_grads(fn, module, inputs, seed=5):
 def fuse_everything(monkeypatch):
     """Use the fused decoder step wherever it is exact (tiny test sizes are below the size
     thresholds), and count its calls."""
-    monkeypatch.setattr(networks, "_FUSE_MIN_VOXELS", 1)
-    monkeypatch.setattr(networks, "_ONEDNN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "FUSE_MIN_VOXELS", 1)
+    monkeypatch.setattr(fused, "ONEDNN_MIN_ELEMENTS", 0)
     calls = []
-    original = networks._upsample_concat_conv
+    original = fused.upsample_concat_conv
 
     def counted(block, coarse, skip):
         calls.append(tuple(coarse.shape))
         return original(block, coarse, skip)
 
-    monkeypatch.setattr(networks, "_upsample_concat_conv", counted)
+    monkeypatch.setattr(fused, "upsample_concat_conv", counted)
     return calls
 
 
@@ -177,10 +177,10 @@ def test_upsample_concat_conv_equals_upsample_cat_conv(coarse_shape, skip_channe
         return _reference_block(block, torch.cat([up, s], dim=1))
 
     expected = _outputs_and_grads(reference, block, [coarse, skip])
-    fused = _outputs_and_grads(lambda c, s: networks._upsample_concat_conv(block, c, s), block,
-                               [coarse, skip])
-    torch.testing.assert_close(fused[0], expected[0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(fused[1], expected[1]):
+    result = _outputs_and_grads(lambda c, s: fused.upsample_concat_conv(block, c, s), block,
+                                [coarse, skip])
+    torch.testing.assert_close(result[0], expected[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(result[1], expected[1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # the result is far from what dropping the border terms would give
     assert expected[0].abs().max() > 0.1
@@ -189,7 +189,7 @@ def test_upsample_concat_conv_equals_upsample_cat_conv(coarse_shape, skip_channe
 def test_upsampled_kernel_is_the_sum_of_the_covered_taps():
     """The tap matrix by hand: per axis, transposed taps 0..3 are w2, w1+w2, w0+w1, w0."""
     rows, cols = torch.tensor([1.0, 10.0, 100.0]), torch.tensor([0.0, 1.0, 0.0])
-    kernel = networks._upsampled_conv_kernel(torch.outer(rows, cols).view(1, 1, 3, 3))
+    kernel = fused.upsampled_conv_kernel(torch.outer(rows, cols).view(1, 1, 3, 3))
     expected = torch.outer(torch.tensor([100.0, 110.0, 11.0, 1.0]), torch.tensor([0.0, 1, 1, 0]))
     torch.testing.assert_close(kernel, expected.view(1, 1, 4, 4))
 
@@ -226,7 +226,7 @@ def test_unet_matches_reference_in_float64(inshape, infeats, features, kwargs, n
 def test_unet_matches_reference_in_float32(fuse, fuse_everything, monkeypatch):
     """The float32 CPU path (oneDNN, channels-last), fused or not, against the reference."""
     if not fuse:
-        monkeypatch.setattr(networks, "_FUSE_MIN_VOXELS", 10**9)
+        monkeypatch.setattr(fused, "FUSE_MIN_VOXELS", 10**9)
     torch.manual_seed(0)
     net = Unet((32, 32), 2, [[16] * 5, [16] * 6])
     x = torch.rand(4, 2, 32, 32, generator=torch.Generator().manual_seed(1))

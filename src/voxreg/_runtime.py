@@ -9,9 +9,9 @@
 
 Large 3D registrations allocate and free buffers of tens to hundreds of megabytes at every call.
 glibc serves such blocks with ``mmap`` and returns them with ``munmap``, so each new buffer costs a
-page fault per 4 KiB page when it is first touched: on a 2-core machine that kernel time was about
-half the CPU time of a 7-step 3D integration. Keeping large blocks in the heap (no ``mmap`` for
-them, and freed memory kept up to a bound instead of trimmed) removes it.
+page fault per 4 KiB page when it is first touched, a large share of the CPU time of a 3D
+integration. Keeping large blocks in the heap (no ``mmap`` for them, and freed memory kept up to a
+bound instead of trimmed) removes it.
 
 This changes the allocator of the whole process, which is why it is never done on import, only on
 Linux with glibc, can be turned off for the command with the environment variable
@@ -43,7 +43,12 @@ _state = {"tuned": False}
 def tune_allocator(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
     """Keep large blocks in glibc's heap to avoid page faults on buffer reuse.
 
-    Returns True when the settings were applied (Linux with glibc), False otherwise.
+    Returns True when the settings were applied (Linux with glibc), False otherwise. It changes
+    the whole process, so it is never called on import (the ``voxreg`` command calls it through
+    :func:`apply_default_tuning`).
+
+    >>> tune_allocator() in (True, False)   # doctest: +SKIP
+    True
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -61,13 +66,23 @@ def tune_allocator(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bo
 
 
 def allocator_tuned() -> bool:
-    """Whether :func:`tune_allocator` is in effect in this process."""
+    """Whether :func:`tune_allocator` is in effect in this process.
+
+    >>> isinstance(allocator_tuned(), bool)   # False until someone calls tune_allocator()
+    True
+    """
     return _state["tuned"]
 
 
 def apply_default_tuning() -> bool:
     """What the ``voxreg`` command does at start-up: :func:`tune_allocator` unless the environment
-    variable ``VOXREG_MALLOC_TUNING`` is ``0``/``false``/``no``/``off``. Returns whether it tuned."""
+    variable ``VOXREG_MALLOC_TUNING`` is ``0``/``false``/``no``/``off``. Returns whether it tuned.
+
+    >>> os.environ["VOXREG_MALLOC_TUNING"] = "0"
+    >>> apply_default_tuning()
+    False
+    >>> del os.environ["VOXREG_MALLOC_TUNING"]
+    """
     if os.environ.get("VOXREG_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return tune_allocator()
@@ -85,6 +100,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     >>> resolve_device("cpu")
     device(type='cpu')
+    >>> resolve_device(None).type in ("cuda", "cpu")        # "auto": CUDA when available
+    True
+    >>> resolve_device("banana")
+    Traceback (most recent call last):
+    ...
+    ValueError: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'banana'
     """
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +124,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither.
+
+    >>> model_device(nn.Linear(2, 2)), model_device(nn.ReLU())
+    (device(type='cpu'), device(type='cpu'))
+    """
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():

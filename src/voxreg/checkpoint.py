@@ -15,6 +15,18 @@ an interrupted save never leaves a half-written checkpoint under the final name.
 
 Shipped models live in ``voxreg/models/<name>.safetensors`` (package data):
 ``load_model("mnist")`` finds them by name.
+
+>>> import tempfile
+>>> from voxreg.nn.networks import VxmDense
+>>> model = VxmDense((8, 8), nb_features=[[4, 4], [4, 4, 4]])
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     path = save_model(model, Path(tmp) / "model", metadata={"data": "demo"}, step=3)
+...     loaded = load_model(path)                 # rebuilt from its config, eval mode
+...     checkpoint = load_checkpoint(path)        # everything, to resume training
+>>> path.name, type(loaded).__name__, loaded.training, loaded.metadata
+('model.safetensors', 'VxmDense', False, {'data': 'demo'})
+>>> checkpoint.step, checkpoint.config["inshape"]
+(3, [8, 8])
 """
 
 from __future__ import annotations
@@ -139,7 +151,12 @@ def _json(value: Any) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """Make user metadata / history JSON-safe (numpy and torch scalars become numbers)."""
+    """Make user metadata / history JSON-safe (numpy and torch scalars become numbers).
+
+    >>> import numpy as np
+    >>> jsonable({"lr": np.float32(0.5), "shape": (2, 3), "loss": float("nan"), "dir": Path("a")})
+    {'lr': 0.5, 'shape': [2, 3], 'loss': None, 'dir': 'a'}
+    """
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -201,6 +218,16 @@ def save_model(
 
     Returns:
         The path written.
+
+    >>> import tempfile
+    >>> from voxreg.nn.networks import VxmDense
+    >>> model = VxmDense((8, 8), nb_features=[[4, 4], [4, 4, 4]])
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_model(model, Path(tmp) / "run.safetensors", optimizer=optimizer, epoch=2)
+    ...     state = load_checkpoint(path).optimizer_state
+    >>> state["param_groups"][0]["lr"], state["param_groups"][0]["momentum"]
+    (0.1, 0.9)
     """
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "class" not in config:
@@ -248,7 +275,11 @@ def save_model(
 
 
 def list_models() -> list[str]:
-    """Names of the models shipped inside the package (``voxreg/models/*.safetensors``)."""
+    """Names of the models shipped inside the package (``voxreg/models/*.safetensors``).
+
+    >>> "mnist" in list_models()
+    True
+    """
     if not MODELS_DIR.is_dir():
         return []
     return sorted(p.name[: -len(_SUFFIX)] for p in MODELS_DIR.glob(f"*{_SUFFIX}"))
@@ -284,6 +315,10 @@ def read_checkpoint(
     Raises:
         FileNotFoundError: no such file or shipped model.
         CheckpointError: truncated or corrupt file, or not a voxreg checkpoint.
+
+    >>> meta, tensors, path = read_checkpoint("mnist")
+    >>> meta["format"], path.name
+    ('voxreg', 'mnist.safetensors')
     """
     path = _resolve(path_or_name)
     blob = path.read_bytes()
@@ -349,6 +384,10 @@ def load_checkpoint(
 
     Returns:
         A :class:`Checkpoint`; its model is in training mode.
+
+    >>> checkpoint = load_checkpoint("mnist")
+    >>> checkpoint.model.training, checkpoint.config["class"], checkpoint.path.name
+    (True, 'VxmDense', 'mnist.safetensors')
     """
     meta, tensors, path = read_checkpoint(path_or_name)
     config = _json_field(meta, "config", path)
@@ -405,6 +444,10 @@ def load_model(
     Raises:
         FileNotFoundError: no such file or shipped model (the message lists shipped models).
         CheckpointError: truncated, corrupt or foreign file.
+
+    >>> model = load_model("mnist", device="cpu")
+    >>> type(model).__name__, model.training, model.inshape
+    ('VxmDense', False, (32, 32))
     """
     checkpoint = load_checkpoint(path_or_name, device=device)
     model = checkpoint.model
@@ -416,7 +459,12 @@ def load_model(
 def load_template_model(path_or_name: str | os.PathLike,
                         device: str | torch.device | None = "cpu") -> TemplateModel:
     """Load a template model saved with :func:`save_model` (a file, or the
-    name of a shipped model such as ``"template2d"``); eval mode, ``.metadata`` attached."""
+    name of a shipped model such as ``"template2d"``); eval mode, ``.metadata`` attached.
+
+    >>> model = load_template_model("template2d")
+    >>> type(model).__name__, model.inshape, model.training
+    ('TemplateCreation', (96, 112), False)
+    """
     meta, _, path = read_checkpoint(path_or_name)
     config = json.loads(meta.get("config", "{}"))
     if config.get("class") not in TEMPLATE_CLASSES:
@@ -439,6 +487,12 @@ def warm_start(model: nn.Module, source: str | os.PathLike | nn.Module) -> int:
 
     Raises:
         ValueError: when no weight of ``source`` matches.
+
+    >>> from voxreg.nn.networks import VxmDense
+    >>> plain = VxmDense((8, 8), nb_features=[[4, 4], [4, 4, 4]], int_steps=0)
+    >>> diffeomorphic = VxmDense((8, 8), nb_features=[[4, 4], [4, 4, 4]])
+    >>> warm_start(diffeomorphic, plain)          # every tensor: same layers, same shapes
+    12
     """
     other = source if isinstance(source, nn.Module) else load_model(source)
     theirs = other.state_dict()

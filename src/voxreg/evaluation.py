@@ -5,6 +5,8 @@ pairs.
 Conventions (``docs/conventions.md``): ``disp`` lies on the subject grid and warps the template
 onto the subject (``moved(x) = template(x + disp(x))``, voxels); ``inverse`` lies on the template
 grid and warps the subject onto the template. Arrays come back as numpy on the CPU.
+
+The examples use an untrained template model (its template is zeros, its fields near zero).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def sharpness(image: Any, mask: Any = None, measure: str = "rms") -> float:
             of ``|grad I|`` across a single isolated edge (the total variation of a monotone
             profile is invariant to blur), while the RMS drops: use ``"rms"`` to tell a sharp
             template from a blurred average.
+
+    >>> step = np.zeros((8, 8))
+    >>> step[:, 4:] = 1.0                          # one edge across axis 1
+    >>> sharpness(step), sharpness(step, measure="mean")
+    (0.25, 0.125)
     """
     if measure not in ("rms", "mean"):
         raise ValueError(f"measure must be 'rms' or 'mean', got {measure!r}")
@@ -127,6 +134,14 @@ def register_to_template(
         the subject grid: template -> subject) and ``inverse`` (on the template grid: warps the
         subject onto the template, ``exp(-velocity)``) ``(N, ndim, *inshape)``, ``template``
         ``(N, 1, *inshape)``.
+
+    >>> from voxreg.nn.template import TemplateCreation
+    >>> model = TemplateCreation((16, 16), nb_features=[[4, 4], [4, 4, 4]])   # untrained
+    >>> images = np.random.default_rng(0).random((3, 16, 16))                   # (N, *inshape)
+    >>> out = register_to_template(model, images)
+    >>> {key: value.shape for key, value in out.items()}     # doctest: +NORMALIZE_WHITESPACE
+    {'moved_template': (3, 1, 16, 16), 'moved_subject': (3, 1, 16, 16), 'disp': (3, 2, 16, 16),
+     'inverse': (3, 2, 16, 16), 'template': (3, 1, 16, 16)}
     """
     parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
     for _, batch in _registrations(model, images, attributes, batch_size, outputs):
@@ -140,7 +155,14 @@ def mean_displacement(model: TemplateModel, images: Any, attributes: Any = None,
     """How centred the template is: ``mean_disp_rms`` (RMS over voxels of the mean displacement
     of all ``images``, voxels), ``disp_rms`` (RMS over subjects and voxels of the displacements)
     and ``ratio`` (their ratio; 0 for a perfectly centred template, about 1 if every subject moved
-    the same way)."""
+    the same way).
+
+    >>> from voxreg.nn.template import TemplateCreation
+    >>> model = TemplateCreation((16, 16), nb_features=[[4, 4], [4, 4, 4]])   # untrained
+    >>> images = np.random.default_rng(0).random((3, 16, 16))                   # (N, *inshape)
+    >>> sorted(mean_displacement(model, images))
+    ['disp_rms', 'mean_disp_rms', 'ratio']
+    """
     total, squares, count = None, 0.0, 0
     for _, batch in _registrations(model, images, attributes, batch_size, ["disp"]):
         disp = batch["disp"].astype(np.float64)
@@ -156,7 +178,13 @@ def mean_displacement(model: TemplateModel, images: Any, attributes: Any = None,
 
 def templates_at(model: ConditionalTemplate, values: Any) -> np.ndarray:
     """Templates of a conditional model at attribute ``values`` (``(K,)`` for one attribute, or
-    ``(K, n_attributes)``), in the attributes' own units; returns ``(K, *inshape)`` float32."""
+    ``(K, n_attributes)``), in the attributes' own units; returns ``(K, *inshape)`` float32.
+
+    >>> from voxreg.nn.template import ConditionalTemplate
+    >>> conditional = ConditionalTemplate((16, 16), nb_features=[[4, 4], [4, 4, 4]])
+    >>> templates_at(conditional, [20.0, 40.0, 60.0]).shape   # e.g. three ages
+    (3, 16, 16)
+    """
     if not isinstance(model, ConditionalTemplate):
         raise TypeError(f"templates_at needs a ConditionalTemplate, got {type(model).__name__}")
     a = np.asarray(values, dtype=np.float64)
@@ -192,6 +220,15 @@ def propagate_labels(
 
     Returns:
         ``(*inshape)`` int32 label map on the template grid.
+
+    >>> from voxreg.nn.template import TemplateCreation
+    >>> model = TemplateCreation((16, 16), nb_features=[[4, 4], [4, 4, 4]])   # untrained
+    >>> images = np.random.default_rng(0).random((3, 16, 16))                   # (N, *inshape)
+    >>> labels = np.zeros((3, 16, 16), np.int64)
+    >>> labels[:, 4:12, 4:12] = 1
+    >>> template_labels = propagate_labels(model, images, labels)
+    >>> template_labels.shape, str(template_labels.dtype), int(template_labels[8, 8])
+    ((16, 16), 'int32', 1)
     """
     labels = np.asarray(labels)
     if labels.shape[0] != len(images) or tuple(labels.shape[1:]) != tuple(model.inshape):
@@ -231,6 +268,15 @@ def template_dice(
         ``dice_before``, ``dice_after`` (means over subjects), ``dice_before_per_subject``,
         ``dice_after_per_subject``, ``folding_pct`` (mean % of voxels with a Jacobian determinant
         <= 0 in the template -> subject fields).
+
+    >>> from voxreg.nn.template import TemplateCreation
+    >>> model = TemplateCreation((16, 16), nb_features=[[4, 4], [4, 4, 4]])   # untrained
+    >>> images = np.random.default_rng(0).random((3, 16, 16))                   # (N, *inshape)
+    >>> labels = np.zeros((3, 16, 16), np.int64)
+    >>> labels[:, 4:12, 4:12] = 1
+    >>> scores = template_dice(model, labels[0], images, labels)
+    >>> scores["dice_before"], len(scores["dice_after_per_subject"])
+    (1.0, 3)
     """
     template_labels = np.asarray(template_labels)
     labels = np.asarray(labels)
@@ -271,6 +317,12 @@ def synthetic_dice(model: torch.nn.Module, dataset: SynthPairDataset,
 
     Returns:
         ``(dice_before, dice_after)``.
+
+    >>> from voxreg.nn.networks import VxmDense
+    >>> pairs = SynthPairDataset((16, 16), pairs_per_epoch=2, label_options={"num_labels": 4})
+    >>> before, after = synthetic_dice(VxmDense((16, 16), nb_features=[[4, 4], [4, 4, 4]]), pairs)
+    >>> 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    True
     """
     device = model_device(model)
     before: list[float] = []

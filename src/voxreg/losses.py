@@ -72,6 +72,9 @@ def mse(y_true: Tensor, y_pred: Tensor) -> Tensor:
 
     Args:
         y_true, y_pred: ``(B, C, *spatial)``, same shape.
+
+    >>> mse(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4))
+    tensor(1.)
     """
     _check_pair(y_true, y_pred)
     return torch.mean((y_true - y_pred) ** 2)
@@ -127,6 +130,12 @@ def ncc(
         y_true, y_pred: ``(B, C, *spatial)``, same shape; each channel is treated separately.
         window: odd box size, one integer or one per spatial axis.
         eps: added to the product of the variances.
+
+    >>> image = torch.linspace(0, 1, 25).reshape(1, 1, 5, 5)
+    >>> round(float(ncc(image, image, window=3)), 3)     # identical images: about -1
+    -1.0
+    >>> float(ncc(image, torch.zeros_like(image), window=3))   # a flat image: 0, not NaN
+    -0.0
     """
     ndim = _check_pair(y_true, y_pred)
     window = _window(window, ndim)
@@ -171,6 +180,12 @@ def mutual_information(
         sigma: Parzen window width in intensity units.
         value_range: ``(low, high)`` intensity range of the bins.
         eps: guards the logarithm.
+
+    >>> image = torch.linspace(0, 1, 25).reshape(1, 1, 5, 5)
+    >>> torch.isclose(mutual_information(image, image), mutual_information(image, 1 - image))
+    tensor(True)
+    >>> abs(float(mutual_information(image, torch.full_like(image, 0.5)))) < 1e-6   # independent
+    True
     """
     _check_pair(y_true, y_pred)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
@@ -213,6 +228,11 @@ def dice(y_true: Tensor, y_pred: Tensor, eps: float = 1e-5) -> Tensor:
 
     Args:
         y_true, y_pred: one-hot or probabilistic maps ``(B, L, *spatial)``, same shape.
+
+    >>> onehot = torch.zeros(1, 2, 2, 2)           # (B, L, H, W): label 0 on row 0, 1 on row 1
+    >>> onehot[0, 0, 0] = onehot[0, 1, 1] = 1.0
+    >>> dice(onehot, onehot), dice(onehot, onehot.flip(1))
+    (tensor(-1.), tensor(-0.))
     """
     _check_pair(y_true, y_pred, "L")
     axes = tuple(range(2, y_true.dim()))
@@ -242,6 +262,10 @@ def grad(disp: Tensor, penalty: str = "l1", loss_mult: float | None = None) -> T
         disp: ``(B, ndim, *spatial)`` displacement or velocity field.
         penalty: ``"l1"`` (VoxelMorph's default) or ``"l2"``.
         loss_mult: optional factor.
+
+    >>> ramp = torch.arange(4.0).expand(1, 2, 4, 4)   # slope 1 along axis 1, flat along axis 0
+    >>> grad(ramp, "l2"), grad(torch.zeros(1, 2, 4, 4))
+    (tensor(0.5000), tensor(0.))
     """
     ndim = _check_field(disp)
     if penalty not in ("l1", "l2"):
@@ -272,6 +296,10 @@ def bending_energy(disp: Tensor) -> Tensor:
 
     Args:
         disp: ``(B, ndim, *spatial)`` with at least 3 voxels along each axis.
+
+    >>> parabola = (torch.arange(5.0) ** 2).expand(1, 2, 5, 5)   # second difference 2 per channel
+    >>> bending_energy(parabola)
+    tensor(8.)
     """
     ndim = _check_field(disp)
     if any(s < 3 for s in disp.shape[2:]):
@@ -307,7 +335,11 @@ def bending_energy(disp: Tensor) -> Tensor:
 
 
 def weighted_sum(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``sum(w * l)`` of loss values, e.g. ``weighted_sum([sim, smooth], [1, lambda_])``."""
+    """``sum(w * l)`` of loss values, e.g. ``weighted_sum([sim, smooth], [1, lambda_])``.
+
+    >>> weighted_sum([torch.tensor(2.0), torch.tensor(3.0)], [1.0, 0.1])
+    tensor(2.3000)
+    """
     losses, weights = list(losses), list(weights)
     if len(losses) != len(weights) or not losses:
         raise ValueError(
@@ -333,7 +365,11 @@ class _Loss(nn.Module):
 
 
 class MSE(_Loss):
-    """Mean squared error (:func:`mse`)."""
+    """Mean squared error (:func:`mse`).
+
+    >>> MSE()(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4))
+    tensor(1.)
+    """
 
     def forward(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return mse(y_true, y_pred)
@@ -343,6 +379,12 @@ class NCC(_Loss):
     """Negative local normalised cross-correlation (:func:`ncc`).
 
     ``win`` is accepted as VoxelMorph's name for ``window``.
+
+    >>> NCC(win=3)
+    NCC(window=3)
+    >>> image = torch.linspace(0, 1, 25).reshape(1, 1, 5, 5)
+    >>> bool(NCC(window=3)(image, image) == NCC(window=3).loss(image, image))
+    True
     """
 
     def __init__(
@@ -360,7 +402,11 @@ class NCC(_Loss):
 
 
 class MutualInformation(_Loss):
-    """Negative Parzen-window mutual information (:func:`mutual_information`)."""
+    """Negative Parzen-window mutual information (:func:`mutual_information`).
+
+    >>> MutualInformation(bins=16)
+    MutualInformation(bins=16, sigma=None, value_range=(0.0, 1.0))
+    """
 
     def __init__(
         self,
@@ -379,7 +425,11 @@ class MutualInformation(_Loss):
 
 
 class Dice(_Loss):
-    """Negative soft Dice (:func:`dice`)."""
+    """Negative soft Dice (:func:`dice`).
+
+    >>> Dice()(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    tensor(-1.)
+    """
 
     def forward(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return dice(y_true, y_pred)
@@ -396,7 +446,12 @@ class _Regulariser(_Loss):
 
 
 class Grad(_Regulariser):
-    """Forward-difference smoothness (:func:`grad`); ``Grad("l2").loss(None, flow)`` works."""
+    """Forward-difference smoothness (:func:`grad`); ``Grad("l2").loss(None, flow)`` works.
+
+    >>> flow = torch.arange(4.0).expand(1, 2, 4, 4)
+    >>> Grad("l2")(flow), Grad("l2").loss(None, flow)
+    (tensor(0.5000), tensor(0.5000))
+    """
 
     def __init__(self, penalty: str = "l1", loss_mult: float | None = None):
         super().__init__()
@@ -412,7 +467,11 @@ class Grad(_Regulariser):
 
 
 class BendingEnergy(_Regulariser):
-    """Bending energy (:func:`bending_energy`)."""
+    """Bending energy (:func:`bending_energy`).
+
+    >>> BendingEnergy()(torch.zeros(1, 2, 3, 3))
+    tensor(0.)
+    """
 
     def forward(self, y_true: Tensor | None, y_pred: Tensor | None = None) -> Tensor:
         return bending_energy(self._field(y_true, y_pred))
@@ -424,6 +483,11 @@ class LossSum(nn.Module):
     ``LossSum([NCC(), Grad("l2")], [1, lam])(y_true=[fixed, None], y_pred=[moved, flow])`` is
     ``1 * ncc(fixed, moved) + lam * grad(flow)``. With ``return_terms=True`` also returns the list
     of unweighted terms.
+
+    >>> fixed, moved = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    >>> flow = torch.arange(4.0).expand(1, 2, 4, 4)
+    >>> LossSum([MSE(), Grad("l2")], [1, 0.5])([fixed, None], [moved, flow], return_terms=True)
+    (tensor(1.2500), [tensor(1.), tensor(0.5000)])
     """
 
     def __init__(self, losses: Sequence[nn.Module], weights: Sequence[float] | None = None):
@@ -463,6 +527,11 @@ def resolve_loss(loss: str | Callable[[Tensor, Tensor], Tensor],
     ``"grad"``/``"l2"`` (``Grad("l2")``), ``"l1"`` (``Grad("l1")``),
     ``"bending"``/``"bending_energy"``. ``loss_mult`` is passed to ``Grad`` when it accepts it
     (VoxelMorph scales the gradient of a downsampled velocity by ``int_downsize``).
+
+    >>> resolve_loss("ncc"), resolve_loss("grad", loss_mult=2)
+    (NCC(window=9), Grad(penalty='l2', loss_mult=2))
+    >>> resolve_loss(mse) is mse
+    True
     """
     if callable(loss):
         return loss

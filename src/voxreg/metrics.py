@@ -1,6 +1,7 @@
 """Evaluation metrics on numpy arrays (tensors are accepted and converted).
 
-* :func:`dice` / :func:`mean_dice`: overlap of label maps, per label.
+* :func:`dice` / :func:`mean_dice`: overlap of label maps, per label;
+  :func:`mean_dice_present`: VoxelMorph's evaluation rule (labels present in both inputs).
 * :func:`hausdorff95`: 95th percentile of the symmetric surface distances of one label, in world
   units (mm) given the voxel spacing.
 * :func:`jacobian_stats`: folding (% of voxels with ``det(J) <= 0``) and the standard deviation
@@ -18,7 +19,7 @@ from scipy import ndimage
 
 from voxreg.transforms import jacobian_determinant
 
-__all__ = ["dice", "hausdorff95", "jacobian_stats", "mean_dice"]
+__all__ = ["dice", "hausdorff95", "jacobian_stats", "mean_dice", "mean_dice_present"]
 
 
 def _array(value: Any, name: str) -> np.ndarray:
@@ -50,6 +51,13 @@ def dice(
 
     Returns:
         ``{label: dice}`` in the order of ``labels`` (sorted by default).
+
+    >>> fixed = np.array([[0, 1, 1], [0, 2, 2]])
+    >>> moved = np.array([[0, 1, 0], [0, 2, 2]])
+    >>> dice(fixed, moved)
+    {1: 0.6666666666666666, 2: 1.0}
+    >>> dice(fixed, moved, labels=[1, 3])
+    {1: 0.6666666666666666, 3: nan}
     """
     a, b = _label_pair(labels_a, labels_b)
     if labels is None:
@@ -63,7 +71,11 @@ def dice(
 
 
 def mean_dice(labels_a: Any, labels_b: Any, labels: Iterable[int] | None = None) -> float:
-    """Mean of :func:`dice` over the labels (labels absent from both maps are ignored)."""
+    """Mean of :func:`dice` over the labels (labels absent from both maps are ignored).
+
+    >>> mean_dice(np.array([[0, 1, 1], [0, 2, 2]]), np.array([[0, 1, 0], [0, 2, 2]]))
+    0.8333333333333333
+    """
     values = [v for v in dice(labels_a, labels_b, labels).values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
@@ -94,6 +106,12 @@ def hausdorff95(
 
     Returns:
         The distance in the units of ``spacing``; ``nan`` if the label is missing from either map.
+
+    >>> a = np.zeros((8, 8), int)
+    >>> a[2:5, 2:5] = 1
+    >>> b = np.roll(a, 1, axis=1)                        # one voxel along axis 1
+    >>> hausdorff95(a, b), hausdorff95(a, b, spacing=(1.0, 2.0))   # voxels, then mm
+    (1.0, 2.0)
     """
     a, b = _label_pair(labels_a, labels_b)
     mask_a, mask_b = a == label, b == label
@@ -128,6 +146,9 @@ def jacobian_stats(disp: Any, mask: Any = None) -> dict[str, float]:
         (``nan`` if none); ``jac_min``, ``jac_max``, ``jac_mean``: of ``det(J)``. ``J`` is the
         Jacobian of ``x -> x + disp(x)`` by finite differences
         (:func:`voxreg.transforms.jacobian_determinant`).
+
+    >>> jacobian_stats(np.zeros((2, 4, 4)))              # the identity, (ndim, *spatial)
+    {'folding_percent': 0.0, 'sd_log_jac': 0.0, 'jac_min': 1.0, 'jac_max': 1.0, 'jac_mean': 1.0}
     """
     field = _array(disp, "disp").astype(np.float64)
     if field.ndim >= 4 and field.shape[0] == 1 and field.shape[1] == field.ndim - 2:
@@ -159,7 +180,13 @@ def mean_dice_present(fixed_labels: np.ndarray, moved_labels: np.ndarray,
     """Mean Dice over the non-zero labels present in both the fixed map and the moving map
     (``moving_labels``; the moved map itself when not given), the VoxelMorph evaluation rule.
     A label lost by the warp counts as 0; NaN when no label is shared. One pass over the
-    volume (bincount), not one per label."""
+    volume (bincount), not one per label.
+
+    >>> fixed = np.array([[0, 1, 1], [0, 2, 2]])
+    >>> moved = np.array([[0, 1, 1], [0, 0, 0]])         # label 2 lost by the warp
+    >>> mean_dice_present(fixed, moved), mean_dice_present(fixed, moved, moving_labels=fixed)
+    (1.0, 0.5)
+    """
     fixed_labels = np.asarray(fixed_labels)
     moved_labels = np.asarray(moved_labels)
     source = moved_labels if moving_labels is None else np.asarray(moving_labels)

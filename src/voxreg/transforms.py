@@ -10,6 +10,23 @@ GPU, in float32 and float64. The conventions (stated once in ``docs/conventions.
 * an affine ``(B, ndim, ndim+1)`` or ``(B, ndim+1, ndim+1)`` acts on voxel coordinates and also
   pulls back: ``moved(x) = moving(A x)``; with ``shift_center`` the matrix acts on coordinates
   centred on the middle of the grid, ``A x = M (x - c) + t + c`` with ``c = (shape - 1) / 2``.
+
+The public operations are listed in ``__all__``. A few unchecked kernels (``normalized_identity``,
+``voxel_to_normalized_scale``, ``disp_to_grid``, ``sample_grid``, ``scaling_and_squaring``,
+``resize_field``) skip validation: :mod:`voxreg.nn`'s layers check shapes once per call and then
+use them inside training loops. They follow the same conventions and are not in ``__all__``.
+
+This module is kept whole although it is longer than 600 lines: it is one functional core of
+about twenty operations that share the conventions above and the private sampling kernels (the
+grid cache, the ``ij`` view of ``grid_sample``, the label sampler); splitting it would scatter
+the conventions header that every function relies on.
+
+>>> image = torch.zeros(1, 1, 5, 5)               # (B, C, H, W)
+>>> image[0, 0, 2, 3] = 1.0
+>>> disp = torch.zeros(1, 2, 5, 5)                # (B, ndim, H, W), voxels, ij
+>>> disp[:, 1] = 1.0                              # read one voxel further along axis 1
+>>> warp(image, disp)[0, 0, 2]                    # pull-back: moved(x) = image(x + disp(x))
+tensor([0., 0., 1., 0., 0.])
 """
 
 from __future__ import annotations
@@ -70,6 +87,13 @@ def identity_grid(
     """Voxel coordinates of a grid, ``(ndim, *shape)``, ``ij`` indexing (``grid[k]`` = index on axis k).
 
     The result is cached (a few grids, keyed by shape, device and dtype): do not modify it.
+
+    >>> identity_grid((2, 3))
+    tensor([[[0., 0., 0.],
+             [1., 1., 1.]],
+    <BLANKLINE>
+            [[0., 1., 2.],
+             [0., 1., 2.]]])
     """
     shape = _checks.check_shape(shape)
     dtype = dtype or torch.get_default_dtype()
@@ -82,9 +106,16 @@ def identity_grid(
     return _cached(("ij", shape, device, dtype), build)
 
 
-def _normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+def normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     """Identity sampling grid ``(*shape, ndim)`` in ``ij`` order, values in [-1, 1]
-    (``align_corners=True``: -1 and 1 are the first and last voxel centres)."""
+    (``align_corners=True``: -1 and 1 are the first and last voxel centres). Unchecked and
+    cached: do not modify it.
+
+    >>> normalized_identity((3, 2), torch.device("cpu"), torch.float32)[:, :, 0]
+    tensor([[-1., -1.],
+            [ 0.,  0.],
+            [ 1.,  1.]])
+    """
 
     def build() -> Tensor:
         axes = [torch.linspace(-1.0, 1.0, s, device=device, dtype=dtype) if s > 1
@@ -94,8 +125,12 @@ def _normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: to
     return _cached(("norm", tuple(shape), device, dtype), build)
 
 
-def _voxel_to_normalized_scale(shape: Sequence[int], device, dtype) -> Tensor:
-    """Per-axis factor turning voxels into normalised grid units, ``ij`` order."""
+def voxel_to_normalized_scale(shape: Sequence[int], device, dtype) -> Tensor:
+    """Per-axis factor ``2 / (n - 1)`` turning voxels into normalised grid units, ``ij`` order.
+
+    >>> voxel_to_normalized_scale((5, 3), "cpu", torch.float32)
+    tensor([0.5000, 1.0000])
+    """
     return torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=device, dtype=dtype)
 
 
@@ -151,17 +186,22 @@ def _grid_sample(
     return accumulate.add_(out) if accumulate is not None else out
 
 
-def _disp_to_grid(disp: Tensor) -> Tensor:
-    """Sampling grid ``(B, *spatial, ndim)`` (normalised, ``ij``) of ``x + disp(x)``: one pass."""
+def disp_to_grid(disp: Tensor) -> Tensor:
+    """Sampling grid ``(B, *spatial, ndim)`` (normalised, ``ij``) of ``x + disp(x)``: one pass.
+    Unchecked: ``disp`` must be a float ``(B, ndim, *spatial)``.
+
+    >>> disp_to_grid(torch.zeros(1, 2, 3, 3))[0, 1, 1]   # the middle voxel
+    tensor([0., 0.])
+    """
     shape = tuple(disp.shape[2:])
-    identity = _normalized_identity(shape, disp.device, disp.dtype)
-    scale = _voxel_to_normalized_scale(shape, disp.device, disp.dtype)
+    identity = normalized_identity(shape, disp.device, disp.dtype)
+    scale = voxel_to_normalized_scale(shape, disp.device, disp.dtype)
     return torch.addcmul(identity, disp.movedim(1, -1), scale)
 
 
 def _sample_disp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "zeros") -> Tensor:
     """Unchecked pull-back warp by a dense displacement (shapes already validated)."""
-    return _grid_sample(image, _disp_to_grid(disp), mode, padding)
+    return _grid_sample(image, disp_to_grid(disp), mode, padding)
 
 
 def _centered_matrix(affine: Tensor, shape: Sequence[int], shift_center: bool) -> Tensor:
@@ -180,10 +220,10 @@ def _affine_to_grid(affine: Tensor, shape: tuple[int, ...]) -> Tensor:
     ndim = len(shape)
     dtype, device = affine.dtype, affine.device
     # normalised u = s * x - 1 (align_corners=True), so u_out = S L S^-1 (u_in + 1) + S t - 1
-    scale = _voxel_to_normalized_scale(shape, device, dtype)
+    scale = voxel_to_normalized_scale(shape, device, dtype)
     linear = scale[:, None] * affine[:, :, :ndim] / scale[None, :]
     translation = linear.sum(-1) + scale * affine[:, :, ndim] - 1.0
-    identity = _normalized_identity(shape, device, dtype).reshape(1, -1, ndim)
+    identity = normalized_identity(shape, device, dtype).reshape(1, -1, ndim)
     grid = torch.baddbmm(translation.unsqueeze(1), identity.expand(affine.shape[0], -1, -1),
                          linear.transpose(1, 2))
     return grid.reshape(affine.shape[0], *shape, ndim)
@@ -220,6 +260,19 @@ def warp(
     Returns:
         ``(B, C, *spatial)`` moved image on the fixed grid (the displacement's grid; the
         image's own grid for an affine).
+
+    >>> image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> disp = torch.zeros(1, 2, 4, 4)
+    >>> disp[:, 1] = 1.0                          # one voxel along axis 1 (columns)
+    >>> warp(image, disp)[0, 0, 0]                # row 0 read one column further; 0 outside
+    tensor([1., 2., 3., 0.])
+    >>> shift = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])   # (ndim, ndim+1): A x = x + (0, 1)
+    >>> torch.allclose(warp(image, shift), warp(image, disp))
+    True
+    >>> labels = torch.tensor([[[[0, 1], [2, 3]]]])
+    >>> warp(labels, torch.zeros(1, 2, 2, 2), interp="nearest")   # integer labels keep their dtype
+    tensor([[[[0, 1],
+              [2, 3]]]])
     """
     ndim = _checks.check_image(image, "image")
     _checks.check_interp(interp)
@@ -248,9 +301,9 @@ def warp(
             )
         _checks.check_finite(transform, "transform")
         batch = _checks.check_batch(image.shape[0], transform.shape[0], "image", "transform")
-        grid = _disp_to_grid(transform.to(_float_dtype(image))).expand(batch, *([-1] * (ndim + 1)))
+        grid = disp_to_grid(transform.to(_float_dtype(image))).expand(batch, *([-1] * (ndim + 1)))
     _checks.check_finite(image, "image") if image.is_floating_point() else None
-    return _sample(image, grid, interp, fill_value)
+    return sample_grid(image, grid, interp, fill_value)
 
 
 def sample(
@@ -306,8 +359,16 @@ def _float_dtype(image: Tensor) -> torch.dtype:
     return image.dtype if image.is_floating_point() else torch.get_default_dtype()
 
 
-def _sample(image: Tensor, grid: Tensor, interp: Interp, fill_value: float) -> Tensor:
-    """Sample ``image`` at ``grid`` (both validated), handling integer labels and the fill value."""
+def sample_grid(image: Tensor, grid: Tensor, interp: Interp, fill_value: float) -> Tensor:
+    """Sample ``image (B', C, *spatial)`` at ``grid (B, *out_spatial, ndim)`` (normalised, ``ij``;
+    ``B'`` is ``B`` or 1), handling integer labels and the fill value. Unchecked: both must be
+    validated already (``interp``: ``"linear"``, ``"nearest"`` or ``"label"``).
+
+    >>> image = torch.arange(4.0).reshape(1, 1, 2, 2)
+    >>> sample_grid(image, disp_to_grid(torch.zeros(1, 2, 2, 2)), "linear", 0.0)
+    tensor([[[[0., 1.],
+              [2., 3.]]]])
+    """
     batch = grid.shape[0]
     if image.shape[0] != batch:
         image = image.expand(batch, *image.shape[1:])
@@ -396,6 +457,12 @@ def affine_to_disp(affine: Tensor, shape: Sequence[int], shift_center: bool = Tr
 
     Returns:
         ``(B, ndim, *shape)`` displacement in voxels.
+
+    >>> shift = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])   # x -> x + (0, 1)
+    >>> affine_to_disp(shift, (4, 4))[0, :, 0, 0]
+    tensor([0., 1.])
+    >>> affine_to_disp(shift, (4, 4)).shape
+    torch.Size([1, 2, 4, 4])
     """
     shape = _checks.check_shape(shape)
     affine = _checks.check_affine(affine, len(shape), "affine")
@@ -430,6 +497,15 @@ def compose(first: Tensor, second: Tensor, shift_center: bool = True) -> Tensor:
     displacement ``(B, ndim, *spatial)`` on the grid of the dense argument (the grid of ``second``
     when both are dense): that is the final fixed grid. An affine combined with a dense field is
     first turned into a field on that grid.
+
+    >>> shift = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])   # x -> x + (0, 1)
+    >>> compose(shift, shift)                                       # two affines: an affine
+    tensor([[[1., 0., 0.],
+             [0., 1., 2.]]])
+    >>> disp = torch.zeros(1, 2, 4, 4)
+    >>> disp[:, 0] = 1.0
+    >>> compose(disp, disp)[0, :, 0, 0]                             # fields: a field, in voxels
+    tensor([2., 0.])
     """
     _checks.as_tensor(first, "first")
     _checks.as_tensor(second, "second")
@@ -489,6 +565,12 @@ def integrate_velocity(velocity: Tensor, steps: int = 7, downsize: int = 1) -> T
 
     Returns:
         ``(B, ndim, *spatial)`` displacement of the diffeomorphism ``exp(velocity)``.
+
+    >>> velocity = torch.full((1, 2, 5, 5), 0.5)   # a constant velocity integrates to itself
+    >>> integrate_velocity(velocity)[0, :, 2, 2]
+    tensor([0.5000, 0.5000])
+    >>> integrate_velocity(velocity, steps=0) is velocity
+    True
     """
     _checks.check_disp(velocity, "velocity")
     if not isinstance(steps, int) or steps < 0:
@@ -497,27 +579,31 @@ def integrate_velocity(velocity: Tensor, steps: int = 7, downsize: int = 1) -> T
         raise ValueError(f"downsize must be a positive integer, got {downsize!r}")
     _checks.check_finite(velocity, "velocity")
     if downsize == 1 or steps == 0:
-        return _integrate(velocity, steps)
+        return scaling_and_squaring(velocity, steps)
     shape = tuple(velocity.shape[2:])
     coarse = tuple(max(1, int(round(s / downsize))) for s in shape)
-    return _resize(_integrate(_resize(velocity, coarse), steps), shape)
+    return resize_field(scaling_and_squaring(resize_field(velocity, coarse), steps), shape)
 
 
-def _integrate(velocity: Tensor, steps: int, identity: Tensor | None = None) -> Tensor:
-    """Scaling and squaring without checks.
+def scaling_and_squaring(velocity: Tensor, steps: int, identity: Tensor | None = None) -> Tensor:
+    """Scaling and squaring without checks (``velocity`` a float ``(B, ndim, *spatial)``,
+    ``steps >= 0``; ``identity``: :func:`normalized_identity` of the grid, to reuse a cached one).
 
     The field is kept in normalised grid units (``ij``, channels first) during the squarings, so
     each step costs one pass to build the sampling grid, the sampling, and one addition; without
     autograd the addition is made in place.
+
+    >>> scaling_and_squaring(torch.full((1, 2, 3, 3), 0.25), 3)[0, :, 1, 1]
+    tensor([0.2500, 0.2500])
     """
     if steps == 0:
         return velocity
     shape = tuple(velocity.shape[2:])
     ndim = len(shape)
-    scale = _voxel_to_normalized_scale(shape, velocity.device, velocity.dtype)
+    scale = voxel_to_normalized_scale(shape, velocity.device, velocity.dtype)
     scale = scale.view(1, ndim, *([1] * ndim))
     if identity is None:
-        identity = _normalized_identity(shape, velocity.device, velocity.dtype)
+        identity = normalized_identity(shape, velocity.device, velocity.dtype)
     field = velocity * (scale / 2**steps)
     in_place = not (torch.is_grad_enabled() and field.requires_grad)
     for _ in range(steps):
@@ -541,6 +627,13 @@ def resize_disp(
 
     Returns:
         ``(B, ndim, *new_shape)``.
+
+    >>> disp = torch.zeros(1, 2, 5, 5)
+    >>> disp[:, 1] = 1.0                          # one voxel of the 5x5 grid
+    >>> resize_disp(disp, factor=2)[0, :, 0, 0]   # 9 / 4 voxels of the 10x10 grid
+    tensor([0.0000, 2.2500])
+    >>> resize_disp(disp, shape=(9, 9)).shape
+    torch.Size([1, 2, 9, 9])
     """
     ndim = _checks.check_disp(disp, "disp")
     old = tuple(disp.shape[2:])
@@ -554,10 +647,17 @@ def resize_disp(
         new = _checks.check_shape(shape)
         if len(new) != ndim:
             raise ValueError(f"shape must have {ndim} entries for this field, got {new}")
-    return _resize(disp, new)
+    return resize_field(disp, new)
 
 
-def _resize(disp: Tensor, new: tuple[int, ...]) -> Tensor:
+def resize_field(disp: Tensor, new: tuple[int, ...]) -> Tensor:
+    """:func:`resize_disp` to the shape ``new`` without checks (``disp`` a float
+    ``(B, ndim, *spatial)``, ``new`` a tuple of ``ndim`` sizes); returns ``disp`` itself when the
+    shape is already ``new``.
+
+    >>> resize_field(torch.ones(1, 2, 3, 3), (5, 5))[0, :, 0, 0]
+    tensor([2., 2.])
+    """
     old = tuple(disp.shape[2:])
     if new == old:
         return disp
@@ -590,6 +690,15 @@ def invert(
     With ``return_residual`` also returns, per batch element, the mean norm (voxels) of
     ``compose(inverse, transform)`` (for fields; 0 for affines and velocities), so a caller can
     tell how well the inverse holds.
+
+    >>> shift = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])   # x -> x + (0, 1)
+    >>> invert(shift)
+    tensor([[[ 1.,  0.,  0.],
+             [ 0.,  1., -1.]]])
+    >>> disp = torch.full((1, 2, 6, 6), 0.5)
+    >>> inverse, residual = invert(disp, return_residual=True)
+    >>> inverse[0, :, 3, 3], float(residual)
+    (tensor([-0.5000, -0.5000]), 0.0)
     """
     _checks.as_tensor(transform, "transform")
     if _checks.is_affine(transform):
@@ -649,6 +758,11 @@ def warp_points(
 
     Returns:
         points of the same shape, moved.
+
+    >>> disp = torch.zeros(1, 2, 4, 4)
+    >>> disp[:, 1] = 1.0
+    >>> warp_points(torch.tensor([[1.0, 1.0]]), disp)   # (P, ndim) voxel coordinates, ij
+    tensor([[1., 2.]])
     """
     _checks.as_tensor(points, "points")
     _checks.as_tensor(transform, "transform")
@@ -674,7 +788,7 @@ def warp_points(
         _checks.check_finite(transform, "transform")
         batch = _checks.check_batch(points.shape[0], transform.shape[0], "points", "transform")
         grid_shape = transform.shape[2:]
-        scale = _voxel_to_normalized_scale(grid_shape, points.device, points.dtype)
+        scale = voxel_to_normalized_scale(grid_shape, points.device, points.dtype)
         locations = points * scale - 1.0  # (B, P, ndim), normalised, ij
         locations = locations.expand(batch, -1, -1).reshape(batch, -1, *([1] * (ndim - 1)), ndim)
         field = transform.to(points.dtype).expand(batch, *transform.shape[1:])
@@ -709,6 +823,14 @@ def jacobian_determinant(disp: Tensor) -> Tensor:
 
     Returns:
         ``(B, *spatial)``; values <= 0 mark folding.
+
+    >>> jacobian_determinant(torch.zeros(1, 2, 3, 3))     # the identity
+    tensor([[[1., 1., 1.],
+             [1., 1., 1.],
+             [1., 1., 1.]]])
+    >>> stretch = affine_to_disp(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (3, 3))
+    >>> jacobian_determinant(stretch)[0, 1, 1]           # twice as long along axis 0
+    tensor(2.)
     """
     ndim = _checks.check_disp(disp, "disp")
     _checks.check_finite(disp, "disp")
@@ -733,6 +855,10 @@ def folding_fraction(disp: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Returns:
         ``(B,)`` fractions in [0, 1] (multiply by 100 for a percentage).
+
+    >>> flip = affine_to_disp(torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (4, 4))
+    >>> folding_fraction(torch.cat([torch.zeros(1, 2, 4, 4), flip]))   # identity, mirror
+    tensor([0., 1.])
     """
     det = jacobian_determinant(disp)
     folded = (det <= 0).to(disp.dtype)
@@ -769,14 +895,27 @@ def _vox2world_linear(vox2world: Tensor | object, ndim: int, like: Tensor) -> Te
 def disp_to_world(disp: Tensor, vox2world: Tensor | object) -> Tensor:
     """Voxel displacement ``(B, ndim, *spatial)`` to world units (e.g. RAS mm) with the grid's
     voxel-to-world matrix (a NIfTI affine): ``d_world = W[:ndim, :ndim] @ d_voxel`` at each voxel.
-    The field still lives on the same grid; it maps a fixed point to its moving point."""
+    The field still lives on the same grid; it maps a fixed point to its moving point.
+
+    >>> disp = torch.zeros(1, 2, 3, 3)
+    >>> disp[:, 1] = 1.0                                       # one voxel along axis 1
+    >>> spacing = torch.diag(torch.tensor([2.0, 3.0, 1.0]))    # 2 x 3 mm voxels
+    >>> disp_to_world(disp, spacing)[0, :, 0, 0]               # 3 mm
+    tensor([0., 3.])
+    """
     ndim = _checks.check_disp(disp, "disp")
     linear = _vox2world_linear(vox2world, ndim, disp)
     return torch.einsum("ij,bj...->bi...", linear, disp)
 
 
 def disp_from_world(disp_world: Tensor, vox2world: Tensor | object) -> Tensor:
-    """Inverse of :func:`disp_to_world`: world-unit displacement back to voxels of the grid."""
+    """Inverse of :func:`disp_to_world`: world-unit displacement back to voxels of the grid.
+
+    >>> disp_mm = torch.zeros(1, 2, 3, 3)
+    >>> disp_mm[:, 1] = 3.0                                    # 3 mm along axis 1
+    >>> disp_from_world(disp_mm, torch.diag(torch.tensor([2.0, 3.0, 1.0])))[0, :, 0, 0]
+    tensor([0., 1.])
+    """
     ndim = _checks.check_disp(disp_world, "disp_world")
     linear = _vox2world_linear(vox2world, ndim, disp_world)
     return torch.einsum("ij,bj...->bi...", torch.linalg.inv(linear), disp_world)

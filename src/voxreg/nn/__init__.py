@@ -1,10 +1,10 @@
 """Neural-network building blocks and models: layers, the VoxelMorph UNet and dense registration
-model, template models, the model registry and weight transfer.
+model (and its fused decoder step), template models, the model registry and weight transfer.
 
 Import the modules (``from voxreg.nn import networks``) or the names below.
 """
 
-from voxreg.nn import layers, networks, registry, template, weights
+from voxreg.nn import fused, layers, networks, registry, template, weights
 from voxreg.nn.layers import ResizeTransform, SpatialTransformer, VecInt
 from voxreg.nn.networks import Transform, Unet, VxmDense, default_unet_features
 from voxreg.nn.registry import MODEL_CLASSES, REGISTRATION_CLASSES, build_model
@@ -26,6 +26,7 @@ __all__ = [
     "VxmDense",
     "build_model",
     "default_unet_features",
+    "fused",
     "inflate_weights",
     "layers",
     "networks",

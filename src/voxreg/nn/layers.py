@@ -34,9 +34,9 @@ class SpatialTransformer(nn.Module):
         self.size = _checks.check_shape(size, "size")
         self.interp = _checks.check_interp(interp)
         self.fill_value = float(fill_value)
-        identity = T._normalized_identity(self.size, torch.device("cpu"), torch.float32).clone()
+        identity = T.normalized_identity(self.size, torch.device("cpu"), torch.float32).clone()
         self.register_buffer("identity", identity, persistent=False)
-        scale = T._voxel_to_normalized_scale(self.size, "cpu", torch.float32)
+        scale = T.voxel_to_normalized_scale(self.size, "cpu", torch.float32)
         self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, image: Tensor, disp: Tensor) -> Tensor:
@@ -58,7 +58,7 @@ class SpatialTransformer(nn.Module):
         if image.shape[0] != grid.shape[0]:
             batch = _checks.check_batch(image.shape[0], grid.shape[0], "image", "disp")
             grid = grid.expand(batch, *grid.shape[1:])
-        return T._sample(image, grid, self.interp, self.fill_value)
+        return T.sample_grid(image, grid, self.interp, self.fill_value)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, interp={self.interp!r}"
@@ -88,7 +88,7 @@ class VecInt(nn.Module):
         identity = self.transformer.identity
         if identity.dtype != velocity.dtype:
             identity = identity.to(velocity.dtype)
-        return T._integrate(velocity, self.steps, identity)
+        return T.scaling_and_squaring(velocity, self.steps, identity)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, steps={self.steps}"
@@ -110,9 +110,9 @@ class ResizeTransform(nn.Module):
 
     def forward(self, disp: Tensor) -> Tensor:
         if self.shape is not None:
-            return T._resize(disp, self.shape)
+            return T.resize_field(disp, self.shape)
         new = tuple(max(1, int(round(s * self.factor))) for s in disp.shape[2:])
-        return T._resize(disp, new)
+        return T.resize_field(disp, new)
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}" if self.shape is None else f"shape={self.shape}"

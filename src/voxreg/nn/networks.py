@@ -21,28 +21,13 @@ from torch import Tensor, nn
 
 from voxreg import _checks
 from voxreg import transforms as T
+from voxreg.nn import fused
 from voxreg.nn.layers import ResizeTransform, SpatialTransformer, VecInt
 
 __all__ = ["Transform", "Unet", "VxmDense", "default_unet_features"]
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-# A decoder step "nearest x2 upsampling, concatenation with the skip, 3x3(x3) conv" is computed
-# without building the upsampled or concatenated tensors (see _upsample_concat_conv) when the
-# coarse grid holds at least this many voxels (batch included); below it the extra operations
-# cost more than they save.
-_FUSE_MIN_VOXELS = 1024
-# PyTorch's CPU convolution runs its slower native kernels instead of oneDNN for batch 1 when
-# B * C * size[0] * size[1] <= this (its heuristic in ConvParams::use_mkldnn)
-_ONEDNN_MIN_ELEMENTS = 20480
-
-# Nearest x2 upsampling then a 3-tap conv (taps w0, w1, w2 reading rows o-1, o, o+1 of the
-# upsampled grid) is, along each axis, a stride-2 transposed conv of the coarse input with 4 taps
-# (padding 1): coarse row k reaches fine rows 2k-1 .. 2k+2 with w2, w1+w2, w0+w1, w0. Row t of
-# this matrix lists which of w0, w1, w2 sum into transposed tap t.
-_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
-_TAP_MATRICES: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
 
 def default_unet_features() -> list[list[int]]:
@@ -56,7 +41,7 @@ def _conv(ndim: int) -> type[nn.Module]:
 
 def _layout(x: Tensor) -> torch.memory_format | None:
     """The memory layout the UNet keeps its activations in: channels-last on the CPU (oneDNN's
-    convolutions run ~1.4x faster on it in 2D), ``None`` (as given) on other devices."""
+    convolutions are faster on it), ``None`` (as given) on other devices."""
     if x.device.type == "cpu" and x.dim() in _CHANNELS_LAST:
         return _CHANNELS_LAST[x.dim()]
     return None
@@ -64,76 +49,6 @@ def _layout(x: Tensor) -> torch.memory_format | None:
 
 def _to_layout(x: Tensor, layout: torch.memory_format | None) -> Tensor:
     return x if layout is None else x.contiguous(memory_format=layout)
-
-
-def _tap_matrix(ndim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``(4**ndim, 3**ndim)``: row-major transposed-conv taps from row-major 3x3(x3) taps."""
-    key = (ndim, device, dtype)
-    if key not in _TAP_MATRICES:
-        per_axis = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float64)
-        matrix = per_axis
-        for _ in range(ndim - 1):
-            matrix = torch.kron(matrix, per_axis)
-        _TAP_MATRICES[key] = matrix.to(device=device, dtype=dtype)
-    return _TAP_MATRICES[key]
-
-
-def _upsampled_conv_kernel(weight: Tensor) -> Tensor:
-    """The stride-2 transposed-conv kernel equal to "nearest x2 upsampling, then the 3x3(x3) conv
-    ``weight``".
-
-    Args:
-        weight: ``(out, in, 3, 3)`` or ``(out, in, 3, 3, 3)``.
-
-    Returns:
-        ``(in, out, 4, 4)`` or ``(in, out, 4, 4, 4)`` for ``conv_transpose{2,3}d(x, kernel,
-        stride=2, padding=1)``; autograd carries gradients back to ``weight``.
-    """
-    out_ch, in_ch = weight.shape[:2]
-    ndim = weight.dim() - 2
-    taps = _tap_matrix(ndim, weight.device, weight.dtype)
-    kernel = weight.reshape(out_ch, in_ch, 3**ndim) @ taps.T
-    return kernel.reshape(out_ch, in_ch, *([4] * ndim)).transpose(0, 1)
-
-
-def _fusable(coarse: Tensor, skip: Tensor) -> bool:
-    """Whether :func:`_upsample_concat_conv` applies to (and pays off for) these inputs."""
-    if any(s != 2 * c for s, c in zip(skip.shape[2:], coarse.shape[2:])):
-        return False  # odd sizes: the nearest upsampling is not a plain x2
-    if coarse.shape[0] * coarse.shape[2:].numel() < _FUSE_MIN_VOXELS:
-        return False
-    if coarse.device.type == "cpu" and coarse.shape[0] == 1:
-        # the split conv on the skip alone must stay on oneDNN where the full conv would be
-        return skip.shape[1] * skip.shape[2] * skip.shape[3] > _ONEDNN_MIN_ELEMENTS
-    return True
-
-
-def _upsample_concat_conv(block: ConvBlock, coarse: Tensor, skip: Tensor) -> Tensor:
-    """``block(cat([upsample_nearest_x2(coarse), skip], dim=1))`` without building either tensor.
-
-    The conv is linear, so it splits into the part reading the upsampled channels and the part
-    reading the skip's; the first is a stride-2 transposed conv of ``coarse`` whose kernel
-    (:func:`_upsampled_conv_kernel`) is derived from the same weights, so autograd gives the
-    gradients of the original parameters. Exact, zero padding at the borders included; it needs
-    ``skip``'s spatial size to be twice ``coarse``'s.
-
-    Args:
-        block: the :class:`ConvBlock` (3x3(x3) conv, padding 1, then LeakyReLU).
-        coarse: ``(B, C1, *spatial)``.
-        skip: ``(B, C2, *2 spatial)``.
-
-    Returns:
-        ``(B, out, *2 spatial)``.
-    """
-    conv = block.main
-    ndim = coarse.dim() - 2
-    weight_coarse, weight_skip = conv.weight.split([coarse.shape[1], skip.shape[1]], dim=1)
-    kernel = _upsampled_conv_kernel(weight_coarse)
-    conv_transpose = F.conv_transpose2d if ndim == 2 else F.conv_transpose3d
-    conv_nd = F.conv2d if ndim == 2 else F.conv3d
-    out = conv_transpose(coarse, kernel, stride=2, padding=1)
-    out = out.add_(conv_nd(skip, weight_skip, conv.bias, padding=1))
-    return block.activation(out)
 
 
 class ConvBlock(nn.Module):
@@ -329,7 +244,7 @@ class Unet(nn.Module):
         for level, convs in enumerate(self.decoder):
             for conv in convs:
                 if pending is not None:
-                    x = _upsample_concat_conv(conv, *pending)
+                    x = fused.upsample_concat_conv(conv, *pending)
                     pending = None
                 else:
                     x = conv(x)
@@ -337,7 +252,7 @@ class Unet(nn.Module):
                 skip = history.pop()
                 # a conv block follows unless the concatenation is the UNet's output
                 block_follows = level + 1 < len(self.decoder) or len(self.remaining) > 0
-                if block_follows and _fusable(x, skip):
+                if block_follows and fused.fusable(x, skip):
                     pending = (_to_layout(x, layout), skip)
                 else:
                     # nearest x2 upsampling; sizing to the skip also handles odd sizes. A 1x1
@@ -346,7 +261,7 @@ class Unet(nn.Module):
                     x = torch.cat([_to_layout(x, layout), skip], dim=1)
         for conv in self.remaining:
             if pending is not None:
-                x = _upsample_concat_conv(conv, *pending)
+                x = fused.upsample_concat_conv(conv, *pending)
                 pending = None
             else:
                 x = conv(x)
@@ -511,18 +426,18 @@ class VxmDense(nn.Module):
             if tuple(velocity.shape[2:]) == self.velocity_shape:
                 velocity = self.integrate(velocity)
             else:
-                velocity = T._integrate(velocity, self.int_steps)
+                velocity = T.scaling_and_squaring(velocity, self.int_steps)
         if tuple(velocity.shape[2:]) != shape:
             if shape == self.inshape:
                 velocity = self.fullsize(velocity)
             else:
-                velocity = T._resize(velocity, shape)
+                velocity = T.resize_field(velocity, shape)
         return velocity
 
     def _warp(self, image: Tensor, disp: Tensor, shape: tuple[int, ...]) -> Tensor:
         if shape == self.inshape:
             return self.transformer(image, disp)
-        return T._sample(image, T._disp_to_grid(disp), "linear", 0.0)
+        return T.sample_grid(image, T.disp_to_grid(disp), "linear", 0.0)
 
     def forward(
         self,

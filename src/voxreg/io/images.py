@@ -1,34 +1,6 @@
-"""Reading and writing images, label maps and displacement fields.
-
-Formats (chosen by the file's extension):
-
-=================  ==========================================================================
-``.nii.gz .nii``   NIfTI-1 (nibabel); the affine maps voxel indices to RAS millimetres
-``.mgz .mgh``      FreeSurfer MGH (nibabel)
-``.npz``           numpy archive: key ``vol`` (images) or ``seg`` (label maps), or its only
-                   array; pick one with ``key=``. Identity affine.
-``.npy``           one numpy array. Identity affine.
-=================  ==========================================================================
-
-Arrays are ``(*spatial)``, or channels first ``(C, *spatial)`` (a 4D NIfTI ``(X, Y, Z, C)`` is
-read as ``(C, X, Y, Z)`` and :attr:`Image.channels` is set), following ``docs/conventions.md``.
-
-Writing (:func:`save_image`, :func:`save_warp`) is atomic: the data go to a temporary file in the
-destination folder, which then replaces the destination in one step, so an output is either
-whole or absent. Integer label maps stay integer (int64 is stored in the smallest integer type
-that holds the values, since many tools cannot read 64-bit NIfTI); float64 is stored as float32.
-
-Displacement fields (``(ndim, *spatial)``, voxels, pull-back: ``moved(x) = moving(x + disp(x))``)
-are written as NIfTI vector images ``(*spatial, 1, ndim)`` with intent ``vector`` (1007):
-
-* ``convention="voxreg"`` (default): the components along the array axes ``i, j, k``, in voxels
-  (``units="voxel"``) or in world millimetres ``W[:3, :3] @ d`` (``units="mm"``, RAS, see
-  :func:`voxreg.transforms.disp_to_world`). The header's ``intent_name`` records the units so
-  that :func:`load_warp` can give back voxels.
-* ``convention="ants"``: what ANTs/ITK expect from a displacement field: LPS millimetres, i.e.
-  the RAS mm vector with its x and y components negated, float32, 5D. Such a file can be passed
-  to ``antsApplyTransforms -t warp.nii.gz`` (moving image, reference = the fixed image), since
-  ANTs fields also map a fixed-space point to the moving-space point (pull-back).
+"""Image and label-map files: the :class:`Image` (data and grid), reading (:func:`load_image`,
+:func:`load_labels`, :func:`read_grid`), intensity normalisation, resampling between grids, and
+atomic writing (:func:`save_image`). The formats are listed in :mod:`voxreg.io`.
 """
 
 from __future__ import annotations
@@ -45,29 +17,29 @@ import numpy as np
 import torch
 
 from voxreg._atomic import atomic_path
-from voxreg.transforms import disp_from_world, disp_to_world, warp
+from voxreg.transforms import warp
 
 __all__ = [
     "Image",
+    "Normalize",
     "SUPPORTED",
+    "atomic_write",
+    "check_output_file",
     "check_output_path",
     "format_of",
     "load_image",
     "load_labels",
-    "load_warp",
     "normalize",
+    "read_file",
     "read_grid",
     "resample_to",
     "same_grid",
     "save_image",
-    "save_warp",
     "voxel_sizes",
 ]
 
 SUPPORTED = (".nii.gz", ".nii", ".mgz", ".mgh", ".npz", ".npy")
 _NIBABEL = (".nii.gz", ".nii", ".mgz", ".mgh")
-_WARP_INTENT = 1007  # NIFTI_INTENT_VECTOR
-_WARP_NAMES = {"voxel": "voxreg:vox", "mm": "voxreg:mm"}
 
 Normalize = Literal["minmax", "percentile", "none"]
 
@@ -82,6 +54,10 @@ class Image:
         header: the nibabel header it came with, or ``None``.
         path: the file it was read from, or ``None``.
         channels: ``data`` carries a leading channel axis.
+
+    >>> image = Image(np.zeros((2, 4, 5, 6)), np.diag([2.0, 2.0, 2.0, 1.0]), channels=True)
+    >>> image.shape, image.ndim, image.spacing         # spatial only; spacing in mm
+    ((4, 5, 6), 3, (2.0, 2.0, 2.0))
     """
 
     data: np.ndarray
@@ -111,6 +87,9 @@ def format_of(path: str | os.PathLike) -> str:
 
     Raises:
         ValueError: an unsupported extension (the message lists the supported ones).
+
+    >>> format_of("sub/brain.NII.GZ")
+    '.nii.gz'
     """
     name = Path(path).name.lower()
     for ext in SUPPORTED:
@@ -122,7 +101,11 @@ def format_of(path: str | os.PathLike) -> str:
 
 
 def voxel_sizes(affine: np.ndarray, ndim: int = 3) -> tuple[float, ...]:
-    """Voxel sizes along the first ``ndim`` array axes: column norms of ``affine[:3, :ndim]``."""
+    """Voxel sizes along the first ``ndim`` array axes: column norms of ``affine[:3, :ndim]``.
+
+    >>> voxel_sizes(np.diag([2.0, 3.0, 1.5, 1.0]))
+    (2.0, 3.0, 1.5)
+    """
     affine = np.asarray(affine, dtype=np.float64)
     return tuple(float(v) for v in np.sqrt((affine[:3, :ndim] ** 2).sum(0)))
 
@@ -151,7 +134,7 @@ def _pick_npz(archive: Any, path: Path, key: str | None, prefer: tuple[str, ...]
     )
 
 
-def _read(path: Path, key: str | None, prefer: tuple[str, ...], vector: bool = False) -> Image:
+def read_file(path: Path, key: str | None, prefer: tuple[str, ...], vector: bool = False) -> Image:
     """Read ``path``; ``vector=True`` takes an ``.npz``/``.npy`` array ``(ndim, *spatial)`` as a
     field with its components first (a displacement)."""
     ext = format_of(path)
@@ -223,8 +206,19 @@ def load_image(
         FileNotFoundError: no such file (the message names it).
         ValueError: unsupported extension (the message lists the supported ones), corrupt or
             unreadable file, or not a 2D/3D image.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_image(Path(tmp) / "image.nii.gz", np.arange(24.0).reshape(2, 3, 4),
+    ...                       affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    ...     image = load_image(path)
+    ...     scaled = load_image(path, normalize="minmax")
+    >>> image.shape, str(image.data.dtype), image.spacing   # float64 is stored as float32
+    ((2, 3, 4), 'float32', (2.0, 2.0, 2.0))
+    >>> float(scaled.data.min()), float(scaled.data.max())
+    (0.0, 1.0)
     """
-    image = _read(Path(path), key, ("vol", "seg"))
+    image = read_file(Path(path), key, ("vol", "seg"))
     if normalize is not None:
         image.data = _normalize_array(image.data, normalize, percentiles)
     return image
@@ -234,8 +228,16 @@ def load_labels(path: str | os.PathLike, key: str | None = None) -> Image:
     """Read a label map: like :func:`load_image` (``.npz``: ``seg`` first), as integers.
 
     Float data are accepted only if every value is a whole number (they are cast to int32).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_image(Path(tmp) / "labels.npz", np.array([[0, 1], [2, 2]]), key="seg")
+    ...     labels = load_labels(path)
+    >>> labels.data, labels.data.dtype                 # int64 stored in the smallest type
+    (array([[0, 1],
+           [2, 2]], dtype=uint8), dtype('uint8'))
     """
-    image = _read(Path(path), key, ("seg", "vol"))
+    image = read_file(Path(path), key, ("seg", "vol"))
     data = image.data
     if data.dtype == np.bool_:
         image.data = data.astype(np.uint8)
@@ -249,7 +251,15 @@ def load_labels(path: str | os.PathLike, key: str | None = None) -> Image:
 
 
 def read_grid(path: str | os.PathLike, key: str | None = None) -> tuple[tuple[int, ...], np.ndarray]:
-    """Spatial shape and affine of an image file, reading only the header where possible."""
+    """Spatial shape and affine of an image file, reading only the header where possible.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_image(Path(tmp) / "image.nii", np.zeros((2, 3, 4), np.float32))
+    ...     shape, affine = read_grid(path)
+    >>> shape, affine.shape
+    ((2, 3, 4), (4, 4))
+    """
     path = Path(path)
     ext = format_of(path)
     if ext in _NIBABEL:
@@ -265,7 +275,7 @@ def read_grid(path: str | os.PathLike, key: str | None = None) -> tuple[tuple[in
         elif len(shape) == 4:
             shape = shape[:3]
         return shape, affine
-    image = _read(path, key, ("vol", "seg"))
+    image = read_file(path, key, ("vol", "seg"))
     return image.shape, image.affine
 
 
@@ -290,6 +300,11 @@ def normalize(
         percentiles: lower and upper percentiles for ``"percentile"``.
 
     A constant image gives zeros. NaNs are not allowed.
+
+    >>> normalize(np.array([0, 50, 100]), "minmax")
+    array([0. , 0.5, 1. ], dtype=float32)
+    >>> normalize(np.array([3.0, 3.0]), "minmax")
+    array([0., 0.], dtype=float32)
     """
     array = np.asarray(data)
     if method not in ("minmax", "percentile", "none"):
@@ -321,7 +336,12 @@ _normalize_array = normalize  # load_image's argument shadows the name
 
 
 def same_grid(a: Image, b: Image, atol: float = 1e-3) -> bool:
-    """Whether two images share a grid: same spatial shape and affines equal within ``atol``."""
+    """Whether two images share a grid: same spatial shape and affines equal within ``atol``.
+
+    >>> same_grid(Image(np.zeros((4, 4))), Image(np.ones((4, 4)))), same_grid(
+    ...     Image(np.zeros((4, 4))), Image(np.zeros((4, 4)), np.diag([2.0, 1.0, 1.0, 1.0])))
+    (True, False)
+    """
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol, rtol=0)
 
 
@@ -344,6 +364,12 @@ def resample_to(
 
     Returns:
         An :class:`Image` on the fixed grid with the fixed affine (and the fixed header).
+
+    >>> moving = Image(np.arange(16.0).reshape(4, 4))
+    >>> shifted = np.eye(4)
+    >>> shifted[0, 3] = 1.0                     # fixed voxel i sits at moving voxel i + 1
+    >>> resample_to(moving, Image(np.zeros((4, 4)), shifted)).data[:, 0]
+    array([ 4.,  8., 12.,  0.])
     """
     if moving.ndim != fixed.ndim:
         raise ValueError(f"cannot resample a {moving.ndim}D image onto a {fixed.ndim}D grid")
@@ -395,13 +421,24 @@ def check_output_path(path: str | os.PathLike, inputs: tuple = ()) -> Path:
         ValueError: unsupported extension, or ``path`` is one of ``inputs``.
         FileNotFoundError / NotADirectoryError / PermissionError: its folder is missing, not a
             folder, or not writable.
+
+    >>> check_output_path("moved.nii.gz", inputs=("moving.nii.gz",))
+    PosixPath('moved.nii.gz')
+    >>> check_output_path("moving.nii.gz", inputs=("moving.nii.gz",))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: output 'moving.nii.gz' is the input 'moving.nii.gz': voxreg never overwrites ...
     """
     format_of(Path(path))
     return check_output_file(path, inputs)
 
 
 def check_output_file(path: str | os.PathLike, inputs: tuple = ()) -> Path:
-    """:func:`check_output_path` for any file (no extension check), e.g. a CSV table."""
+    """:func:`check_output_path` for any file (no extension check), e.g. a CSV table.
+
+    >>> check_output_file("dice.csv")
+    PosixPath('dice.csv')
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name")
@@ -442,7 +479,7 @@ def _storable(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path`` (same extension), then move
     it onto ``path`` in one step."""
     ext = format_of(path)
@@ -500,6 +537,13 @@ def save_image(
 
     Returns:
         The path written.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_image(Path(tmp) / "labels.nii.gz", np.array([[[0, 1], [2, 300]]]))
+    ...     stored = load_image(path).data
+    >>> str(stored.dtype), stored.shape                # int64 stored as int16, shape kept
+    ('int16', (1, 2, 2))
     """
     path = Path(path)
     ext = format_of(path)
@@ -514,133 +558,10 @@ def save_image(
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be a (4, 4) matrix, got shape {affine.shape}")
     if ext == ".npz":
-        return _atomic_write(path, lambda tmp: np.savez_compressed(tmp, **{key: data}))
+        return atomic_write(path, lambda tmp: np.savez_compressed(tmp, **{key: data}))
     if ext == ".npy":
-        return _atomic_write(path, lambda tmp: np.save(tmp, data))
+        return atomic_write(path, lambda tmp: np.save(tmp, data))
     if channels:
         data = np.moveaxis(data, 0, -1)
     image = _nibabel_image(path, np.ascontiguousarray(data), affine, header)
-    return _atomic_write(path, lambda tmp: image.to_filename(tmp))
-
-
-def _as_disp(disp: Any) -> np.ndarray:
-    if hasattr(disp, "detach"):
-        disp = disp.detach().cpu().numpy()
-    disp = np.asarray(disp)
-    if disp.ndim >= 4 and disp.shape[0] == 1 and disp.shape[1] == disp.ndim - 2:
-        disp = disp[0]
-    if disp.ndim not in (3, 4) or disp.shape[0] != disp.ndim - 1:
-        raise ValueError(
-            f"a displacement must be (ndim, *spatial) with ndim 2 or 3, got shape {disp.shape}"
-        )
-    return disp
-
-
-def save_warp(
-    path: str | os.PathLike,
-    disp: Any,
-    affine: np.ndarray,
-    convention: Literal["voxreg", "ants"] = "voxreg",
-    units: Literal["voxel", "mm"] = "voxel",
-    header: Any = None,
-) -> Path:
-    """Write a displacement field (the fixed grid's) atomically.
-
-    Args:
-        path: ``.nii.gz`` / ``.nii`` (any convention), or ``.npz`` / ``.npy`` (``voxreg``
-            convention in voxels only: the raw ``(ndim, *spatial)`` array).
-        disp: ``(ndim, *spatial)`` (or ``(1, ndim, *spatial)``) in voxels of the fixed grid.
-        affine: the fixed image's ``(4, 4)`` affine (written into the file).
-        convention: ``"voxreg"``: components along the array axes in ``units``; ``"ants"``:
-            LPS millimetres for ANTs/ITK (``units`` is ignored): the RAS mm vector
-            ``affine[:3, :3] @ d`` with its x and y components negated.
-        units: ``"voxel"`` or ``"mm"`` (world units, RAS) for the voxreg convention.
-        header: optional NIfTI header template (e.g. the fixed image's).
-
-    The NIfTI is 5D ``(*spatial, 1, ndim)`` (2D fields: ``(X, Y, 1, 1, 2)``), float32, intent
-    ``vector``.
-    """
-    path = Path(path)
-    ext = format_of(path)
-    disp = _as_disp(disp)
-    ndim = disp.shape[0]
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be a (4, 4) matrix, got shape {affine.shape}")
-    if convention not in ("voxreg", "ants"):
-        raise ValueError(f"convention must be 'voxreg' or 'ants', got {convention!r}")
-    if units not in ("voxel", "mm"):
-        raise ValueError(f"units must be 'voxel' or 'mm', got {units!r}")
-    if ext in (".npz", ".npy"):
-        if convention != "voxreg" or units != "voxel":
-            raise ValueError("warps in mm or for ANTs must be NIfTI files (.nii.gz or .nii)")
-        return save_image(path, disp.astype(np.float32), key="disp")
-    if ext not in (".nii.gz", ".nii"):
-        raise ValueError(f"warps are written as NIfTI (.nii.gz or .nii), not {ext}")
-    values = disp.astype(np.float64)
-    if convention == "ants" or units == "mm":
-        keep = list(range(ndim)) + [3]
-        world = torch.as_tensor(affine[np.ix_(keep, keep)] if ndim == 2 else affine)
-        values = disp_to_world(torch.from_numpy(values)[None], world)[0].numpy()
-    if convention == "ants":
-        values = values.copy()
-        values[0] *= -1.0  # RAS -> LPS: x and y flip sign
-        values[1] *= -1.0
-    vector = np.moveaxis(values.astype(np.float32), 0, -1)  # (*spatial, ndim)
-    if ndim == 2:
-        vector = vector[:, :, None, None, :]
-    else:
-        vector = vector[:, :, :, None, :]
-
-    hdr = header.copy() if isinstance(header, nib.Nifti1Header) and type(header) is nib.Nifti1Header \
-        else None
-    image = nib.Nifti1Image(np.ascontiguousarray(vector), affine, header=hdr, dtype=np.float32)
-    image.header.set_slope_inter(None, None)
-    name = "ants:lps-mm" if convention == "ants" else _WARP_NAMES[units]
-    image.header.set_intent("vector", (), name=name)
-    image.header.set_xyzt_units("mm")
-    if hdr is None:
-        image.set_sform(affine, code=2)
-        image.set_qform(affine, code=2)
-    return _atomic_write(path, lambda tmp: image.to_filename(tmp))
-
-
-def load_warp(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a displacement field back as ``(disp, affine)``, ``disp`` ``(ndim, *spatial)`` float32
-    in voxels of the grid whose affine is returned.
-
-    Files written by :func:`save_warp` are understood in every convention (their
-    ``intent_name`` says which); another NIfTI vector image is taken to be an ANTs/ITK field
-    (LPS mm); ``.npz`` (key ``disp``) and ``.npy`` hold voxels.
-    """
-    path = Path(path)
-    ext = format_of(path)
-    if ext in (".npz", ".npy"):
-        image = _read(path, None, ("disp", "vol"), vector=True)
-        return _as_disp(image.data).astype(np.float32), image.affine
-    image = _read(path, None, ())
-    data = image.data
-    if not image.channels or data.shape[0] != image.ndim:
-        raise ValueError(
-            f"{str(path)!r} is not a displacement field: expected a vector image "
-            f"(*spatial, 1, ndim), got {data.shape[1:] + data.shape[:1] if image.channels else data.shape}"
-        )
-    header = image.header
-    name = ""
-    if header is not None and hasattr(header, "get_intent"):
-        try:
-            name = str(header.get_intent()[2])
-        except Exception:  # noqa: BLE001 - unknown intent codes
-            name = ""
-    values = data.astype(np.float64)
-    if name == _WARP_NAMES["voxel"]:
-        return values.astype(np.float32), image.affine
-    ndim = image.ndim
-    if name != _WARP_NAMES["mm"]:  # ANTs / ITK: LPS mm
-        values = values.copy()
-        values[0] *= -1.0
-        values[1] *= -1.0
-    keep = list(range(ndim)) + [3]
-    world = torch.as_tensor(image.affine[np.ix_(keep, keep)] if ndim == 2 else image.affine)
-    voxels = disp_from_world(torch.from_numpy(values)[None], world)[0].numpy()
-    return voxels.astype(np.float32), image.affine
+    return atomic_write(path, lambda tmp: image.to_filename(tmp))
