@@ -189,5 +189,7 @@ def test_affine_files_is_the_affine_command(files, tmp_path, one_thread):
 
 def test_list_model_info_is_the_models_command():
     names = [info.name for info in list_model_info()]
-    assert names == run("models").output.split()
+    assert names == run("models", "--names").output.split()
+    listing = run("models").output
+    assert all(f"{name}: " in listing for name in names) and "domain: 3D 96x112x96" in listing
     assert all(info.path.is_file() and info.size_bytes > 0 for info in list_model_info())

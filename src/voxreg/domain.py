@@ -37,7 +37,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from voxreg import io
@@ -109,8 +108,14 @@ class ModelDomain:
 
     @property
     def orientation(self) -> str:
-        """Axis codes of the grid, e.g. ``"RAS"`` (nibabel's ``aff2axcodes``)."""
-        return "".join(nib.aff2axcodes(self.affine))[: self.ndim]
+        """Axis codes of the grid, e.g. ``"RAS"``: for each array axis, the world direction
+        (Right/Left, Anterior/Posterior, Superior/Inferior) it runs towards most."""
+        codes = []
+        for axis in range(self.ndim):
+            column = self.affine[:3, axis]
+            world = int(np.argmax(np.abs(column)))
+            codes.append(("RAS" if column[world] > 0 else "LPI")[world])
+        return "".join(codes)
 
     def on_grid(self, image: io.Image, atol: float = 1e-3) -> bool:
         """Whether ``image`` already lies on this domain's grid (shape and affine)."""

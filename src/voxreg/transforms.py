@@ -350,9 +350,9 @@ def sample(
     batch = _checks.check_batch(image.shape[0], coords.shape[0], "image", "coords")
     dtype = _float_dtype(image)
     shape = tuple(image.shape[2:])
-    scale = _voxel_to_normalized_scale(shape, coords.device, dtype)
+    scale = voxel_to_normalized_scale(shape, coords.device, dtype)
     grid = (coords.to(dtype).movedim(1, -1) * scale - 1.0).expand(batch, *([-1] * (ndim + 1)))
-    return _sample(image, grid, interp, fill_value)
+    return sample_grid(image, grid, interp, fill_value)
 
 
 def _float_dtype(image: Tensor) -> torch.dtype:
