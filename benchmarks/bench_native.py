@@ -58,7 +58,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,11 +138,8 @@ def md_table(rows: dict[str, dict], reference: str | None = "affine only",
                 delta_text = f"{d:+.4f} ({p})"
                 below = f"{sum(x < 0 for x, _ in deltas)}/{len(deltas)}"
 
-        def pick(key):
-            values = row.get(key)
-            return [values[k] for k in keep] if values else []
-
-        seconds, wall, load = pick("seconds"), pick("wall_seconds"), pick("load")
+        seconds, wall, load = ([row[key][k] for k in keep] if row.get(key) else []
+                               for key in ("seconds", "wall_seconds", "load"))
         load = [v for v in load if v is not None]
         load_text = f"{min(load):.1f}-{max(load):.1f}" if load else "-"
         failed = len(row.get("errors", []))
@@ -323,7 +319,7 @@ def run_raw(args, raw, ixi, pairs, ten, ants_set, vox, ants, results) -> dict:
         warped = T.warp(torch.from_numpy(ixi_lab[moving].astype(np.int64))[None, None],
                         torch.from_numpy(disp)[None], interp="nearest")[0, 0].numpy()
         table.add("in-domain (a): MNI grid, ixi/labels, nearest", pair,
-                  dice_of(ixi_lab[fixed], warped, ixi_lab[moving]), seconds=res.seconds,
+                  dice_of(ixi_lab[fixed], warped, ixi_lab[moving]), seconds=res.seconds_per_pair,
                   load=load1())
         f_aff, m_aff = fixed_labels.affine, io.load_labels(m_lab).affine
         for label, field in (("in-domain, ANTs affines only (native)", None),
@@ -345,17 +341,18 @@ def run_raw(args, raw, ixi, pairs, ten, ants_set, vox, ants, results) -> dict:
             except Exception as error:  # noqa: BLE001
                 table.fail("ANTs SyN", pair, error)
         if pair in ten[: args.finetune_pairs]:
+            method = f"voxreg register --finetune {args.finetune_steps}"
             try:
                 result, timing = vox.register(m_img, f_img, m_lab, finetune=args.finetune_steps)
                 steps = getattr(result.registration, "steps", None)
-                table.add(f"voxreg register --finetune {args.finetune_steps}", pair,
+                table.add(method, pair,
                           dice_of(fixed_labels.data, result.moved_labels.data, moving_labels),
                           steps=steps, **timing)
-                line.append(f"finetune {table.rows[f'voxreg register --finetune {args.finetune_steps}']['dice'][-1]:.4f} "
+                line.append(f"finetune {table.rows[method]['dice'][-1]:.4f} "
                             f"{timing['seconds']:.1f} s")
                 del result
             except Exception as error:  # noqa: BLE001
-                table.fail(f"voxreg register --finetune {args.finetune_steps}", pair, error)
+                table.fail(method, pair, error)
         print(", ".join(line) + f"; {loads()}", flush=True)
     results["raw"] = table.rows
     return kept

@@ -148,7 +148,8 @@ def align_to_reference(image: io.Image, domain: ModelDomain, *, mask_dilation: i
 
     Two affine registrations (mutual information): the whole scan, then the scan masked by the
     reference's brain mask pulled back through the first map (so a skull, neck or field of view
-    larger than the reference does not pull the second one).
+    larger than the reference does not pull the second one). The first stage relies on the
+    anatomy inside the head (grey and white matter) to tell the brain from the head.
 
     Args:
         image: a 3D scan on any grid (whole head or skull-stripped, any intensity range).
@@ -165,10 +166,9 @@ def align_to_reference(image: io.Image, domain: ModelDomain, *, mask_dilation: i
     if mask_dilation:
         brain = ndimage.binary_dilation(brain, iterations=int(mask_dilation))
     first = register_affine(image, reference).world_matrix
-    image_to_reference_voxels = _to_voxels(
-        _apply(np.linalg.inv(first), _grid_points(image.shape, image.affine)),
-        domain.affine, domain.ndim).astype(np.float32)
-    mask = _sample(brain.astype(np.float32), image_to_reference_voxels) > 0.5
+    voxels = _to_voxels(_apply(np.linalg.inv(first), _grid_points(image.shape, image.affine)),
+                        domain.affine, domain.ndim).astype(np.float32)
+    mask = _sample(brain.astype(np.float32), voxels) > 0.5
     if not mask.any():
         raise ValueError(f"the brain mask of the reference does not overlap the scan "
                          f"{str(image.path or 'image')!r} after affine alignment")
