@@ -104,6 +104,23 @@ def test_register_files_takes_nibabel_images_images_and_modules(files, by_cli, t
     assert result.written == {} and result.inverse_disp is None
 
 
+def test_register_files_warp_conventions(files, by_cli, tmp_path, one_thread):
+    out = {k: tmp_path / name for k, name in (("warp", "w.mgz"), ("inverse", "i.npz"))}
+    result = register_files(files["img0"], files["img1"], files["model"], warp=out["warp"],
+                            inverse_warp=out["inverse"], device="cpu")
+    assert result.warp_conventions == {"--warp": "ras-mm", "--inverse-warp": "voxel"}
+    np.testing.assert_allclose(io.load_displacement(out["warp"], "ras-mm")[0],
+                               io.load_displacement(by_cli["warp"])[0], atol=1e-5)
+    with pytest.warns(FutureWarning, match="--warp-format ants.*--warp-convention lps-mm"):
+        result = register_files(files["img0"], files["img1"], files["model"], device="cpu",
+                                warp=tmp_path / "a.nii.gz", warp_format="ants")
+    assert result.warp_conventions == {"--warp": "lps-mm"}
+    with pytest.raises(ValueError, match="--warp: cannot write a 'lps-mm' field"):
+        register_files(files["img0"], files["img1"], files["model"], warp=tmp_path / "x.mgz",
+                       warp_convention="lps-mm")
+    assert not (tmp_path / "x.mgz").exists()
+
+
 def test_register_files_errors_name_the_argument(files, tmp_path):
     moved = tmp_path / "m.nii.gz"
     with pytest.raises(TypeError, match="moving"):

@@ -62,6 +62,7 @@ def test_register_then_warp(files, tmp_path):
                  "--warp", warp_path, "--device", "cpu")
     assert_ok(result)
     assert "seconds per pair" in result.output
+    assert f"warp: {warp_path} (lps-mm" in result.output  # the default for a NIfTI: ANTs' own
     moved_img, warp_img = nib.load(moved), nib.load(warp_path)
     np.testing.assert_allclose(moved_img.affine, AFFINE)
     np.testing.assert_allclose(warp_img.affine, AFFINE)
@@ -73,12 +74,14 @@ def test_register_then_warp(files, tmp_path):
     again = tmp_path / "again.nii.gz"
     assert_ok(run("warp", files["img0"], "--warp", warp_path, "--out", again, "--normalize", "minmax"))
     np.testing.assert_allclose(io.load_image(again).data, io.load_image(moved).data, atol=1e-4)
-    # ... also from a warp saved in mm
+    # ... also from a warp saved in mm (the deprecated --warp-units mm: a 4D ras-mm NIfTI)
     mm = tmp_path / "warp_mm.nii.gz"
-    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
-                  tmp_path / "m2.nii.gz", "--warp", mm, "--warp-units", "mm"))
+    result = run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                 tmp_path / "m2.nii.gz", "--warp", mm, "--warp-units", "mm")
+    assert_ok(result)
+    assert "warning: --warp-units mm is deprecated" in result.stderr and "ras-mm" in result.output
     np.testing.assert_allclose(io.load_warp(mm)[0], disp, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(nib.load(mm).dataobj)[..., 0, :].max(), 2 * disp.max(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(nib.load(mm).dataobj).max(), 2 * disp.max(), rtol=1e-4)
 
     # nearest warping of a label map only produces its labels, with its dtype
     labels_out = tmp_path / "labels.nii.gz"
@@ -99,11 +102,119 @@ def test_register_then_warp(files, tmp_path):
 
 def test_register_ants_warp(files, tmp_path):
     warp_path = tmp_path / "ants.nii.gz"
-    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
-                  tmp_path / "m.nii.gz", "--warp", warp_path, "--warp-format", "ants"))
+    result = run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                 tmp_path / "m.nii.gz", "--warp", warp_path, "--warp-format", "ants")
+    assert_ok(result)
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "--warp-convention lps-mm" in warning[0]
     ants = np.moveaxis(np.asarray(nib.load(warp_path).dataobj)[..., 0, :], -1, 0)
     disp, _ = io.load_warp(warp_path)
     np.testing.assert_allclose(ants, disp * np.array([-2.0, -2.0, 2.0])[:, None, None, None], atol=1e-4)
+
+
+def test_register_warp_conventions(files, tmp_path):
+    base = ("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+            tmp_path / "m.nii.gz")
+    # by extension: MGZ -> ras-mm (FreeSurfer), .npz -> voxel (voxreg only); the lines say which
+    result = run(*base, "--warp", tmp_path / "w.mgz", "--inverse-warp", tmp_path / "i.npz")
+    assert_ok(result)
+    assert f"warp: {tmp_path / 'w.mgz'} (ras-mm" in result.output
+    assert f"inverse warp: {tmp_path / 'i.npz'} (voxel" in result.output
+    disp, affine = io.load_displacement(tmp_path / "w.mgz", "ras-mm")
+    np.testing.assert_allclose(affine, AFFINE)
+    np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "w.mgz").dataobj),
+                               2 * np.moveaxis(disp, 0, -1), atol=1e-4)
+    with np.load(tmp_path / "i.npz") as archive:
+        assert str(archive["convention"]) == "voxel" and archive["disp"].shape == (3, *SHAPE)
+    # explicit: a 4D RAS NIfTI for mri_synthmorph
+    result = run(*base, "--warp", tmp_path / "r.nii.gz", "--warp-convention", "ras-mm")
+    assert_ok(result)
+    assert nib.load(tmp_path / "r.nii.gz").shape == (*SHAPE, 3) and "ras-mm" in result.output
+    np.testing.assert_allclose(io.load_displacement(tmp_path / "r.nii.gz")[0], disp, atol=1e-5)
+    # the deprecated --warp-units voxel still writes voxels, to an .npz
+    result = run(*base, "--warp", tmp_path / "v.npz", "--warp-units", "voxel")
+    assert_ok(result)
+    assert "warning: --warp-units voxel is deprecated" in result.stderr
+    np.testing.assert_allclose(io.load_displacement(tmp_path / "v.npz")[0], disp, atol=1e-5)
+    # a convention the file cannot hold: one line naming the option and what to use
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    base = (*base[:-1], errors / "m.nii.gz")
+    assert_user_error(run(*base, "--warp", errors / "w.nii.gz", "--warp-convention", "voxel"),
+                      "--warp", "'voxel'", ".npz")
+    assert_user_error(run(*base, "--warp", errors / "w.nii.gz", "--warp-units", "voxel"),
+                      "--warp", ".npz", "--warp-units voxel means --warp-convention voxel")
+    assert_user_error(run(*base, "--inverse-warp", errors / "i.mgz", "--warp-convention", "lps-mm"),
+                      "--inverse-warp", "5D NIfTI")
+    assert_user_error(run(*base, "--warp", errors / "w.nii.gz", "--warp-convention", "lps-mm",
+                          "--warp-format", "ants"), "--warp-convention only")
+    assert not any(errors.iterdir())
+    assert "--warp-units" not in run("register", "--help").output  # hidden, only accepted
+
+
+def test_warp_transforms_onto_a_reference(files, tmp_path):
+    """``voxreg warp IMAGE -t ... -r REFERENCE``: IMAGE on any grid, one interpolation onto the
+    reference grid; label maps keep their dtype; ``--warp`` is the one-field case."""
+    warp_path = tmp_path / "w.nii.gz"
+    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                  tmp_path / "m.nii.gz", "--warp", warp_path))
+    by_warp = tmp_path / "by_warp.nii.gz"
+    assert_ok(run("warp", files["lab0"], "--warp", warp_path, "-o", by_warp, "--interp", "nearest"))
+    # the same labels on another grid (origin 2 voxels further along i, same world content)
+    labels = io.load_image(files["lab0"]).data
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 4.0
+    other = io.save_image(tmp_path / "other.nii.gz", np.roll(labels, -2, axis=0), shifted)
+    out = tmp_path / "out.nii.gz"
+    assert_ok(run("warp", other, "-t", warp_path, "-r", files["img1"], "-o", out, "--interp",
+                  "nearest"))
+    result, expected = io.load_image(out), io.load_image(by_warp).data
+    assert result.data.dtype == np.uint8 and expected.dtype == np.uint8
+    np.testing.assert_allclose(result.affine, AFFINE)
+    assert (result.data == expected).mean() > 0.999
+    assert not np.array_equal(expected, labels)  # the warp moved them
+    # --warp with an image on another grid: --resample, else one clear line
+    assert_user_error(run("warp", other, "--warp", warp_path, "-o", tmp_path / "x.nii.gz"),
+                      "different grids", "--resample")
+    resampled = tmp_path / "resampled.nii.gz"
+    assert_ok(run("warp", other, "--warp", warp_path, "-o", resampled, "--interp", "nearest",
+                  "--resample"))
+    np.testing.assert_array_equal(io.load_image(resampled).data, result.data)
+    assert_user_error(run("warp", other, "-t", warp_path, "-o", tmp_path / "x.nii.gz"), "-r")
+    assert_user_error(run("warp", other, "--warp", warp_path, "-t", warp_path, "-r", files["img1"],
+                          "-o", tmp_path / "x.nii.gz"), "--warp", "-t")
+    assert_user_error(run("warp", other, "-o", tmp_path / "x.nii.gz"), "--warp", "-t")
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_warp_asks_for_what_a_file_does_not_say(files, tmp_path):
+    warp_path = tmp_path / "w.nii.gz"
+    assert_ok(run("register", files["img0"], files["img1"], "-m", files["model"], "--moved",
+                  tmp_path / "m.nii.gz", "--warp", warp_path))
+    reference = tmp_path / "ref.nii.gz"
+    assert_ok(run("warp", files["img0"], "-t", warp_path, "-r", files["img1"], "-o", reference))
+    # an untagged 4D field (as mri_synthmorph writes): RAS or LPS? mm or voxels? never guessed
+    disp, _ = io.load_displacement(warp_path)
+    untagged = tmp_path / "untagged.nii.gz"
+    nib.Nifti1Image(2 * np.moveaxis(disp, 0, -1), AFFINE).to_filename(str(untagged))
+    out = tmp_path / "out.nii.gz"
+    assert_user_error(run("warp", files["img0"], "-t", untagged, "-r", files["img1"], "-o", out),
+                      "untagged.nii.gz", "--warp-convention")
+    assert_user_error(run("warp", files["img0"], "--warp", untagged, "-o", out),
+                      "untagged.nii.gz", "--warp-convention")
+    assert not out.exists()
+    assert_ok(run("warp", files["img0"], "-t", untagged, "-r", files["img1"], "-o", out,
+                  "--warp-convention", "ras-mm"))
+    np.testing.assert_allclose(io.load_image(out).data, io.load_image(reference).data, atol=1e-4)
+    # an .npz holding an image and its labels: which one?
+    both = tmp_path / "both.npz"
+    np.savez(both, vol=io.load_image(files["img0"]).data, seg=io.load_image(files["lab0"]).data)
+    assert_user_error(run("warp", both, "-t", warp_path, "-r", files["img1"], "-o", out),
+                      "both.npz", "vol, seg", "--key")
+    labels_out = tmp_path / "labels.nii.gz"
+    assert_ok(run("warp", both, "-t", warp_path, "-r", files["img1"], "-o", labels_out, "--key",
+                  "seg", "--interp", "label"))
+    assert io.load_image(labels_out).data.dtype == np.uint8
 
 
 def test_register_resample(files, tmp_path):

@@ -283,12 +283,17 @@ def test_cli_inverse_warp_and_moved_fixed(files, tmp_path):
     np.testing.assert_allclose(io.load_image(paths["moved_fixed"]).data,
                                io.load_image(again).data, atol=1e-4)
     np.testing.assert_allclose(nib.load(paths["moved_fixed"]).affine, AFFINE)
-    # the inverse warp follows --warp-units / --warp-format
+    # the inverse warp follows --warp-convention (and the deprecated --warp-units/--warp-format:
+    # --warp-units mm is ras-mm, a 4D NIfTI)
     mm, ants = tmp_path / "inv_mm.nii.gz", tmp_path / "inv_ants.nii.gz"
     assert_ok(run("register", files["moving"], files["fixed"], "-m", files["diff"], "--moved",
                   tmp_path / "m2.nii.gz", "--inverse-warp", mm, "--warp-units", "mm"))
-    np.testing.assert_allclose(np.asarray(nib.load(mm).dataobj)[..., 0, :],
+    np.testing.assert_allclose(np.asarray(nib.load(mm).dataobj),
                                2 * np.moveaxis(inverse, 0, -1), atol=1e-4)
+    ras = tmp_path / "inv_ras.nii.gz"
+    assert_ok(run("register", files["moving"], files["fixed"], "-m", files["diff"], "--moved",
+                  tmp_path / "m4.nii.gz", "--inverse-warp", ras, "--warp-convention", "ras-mm"))
+    np.testing.assert_allclose(np.asarray(nib.load(ras).dataobj), np.asarray(nib.load(mm).dataobj))
     assert_ok(run("register", files["moving"], files["fixed"], "-m", files["diff"], "--moved",
                   tmp_path / "m3.nii.gz", "--inverse-warp", ants, "--warp-format", "ants"))
     np.testing.assert_allclose(np.asarray(nib.load(ants).dataobj)[..., 0, :],
@@ -303,8 +308,8 @@ def test_cli_plain_model_inverse_warns(files, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "fixed-point" in warnings[0]
     assert "fixed-point approximation" in result.output
-    with np.load(inverse) as npz:  # (io.load_warp reads 2D .npz warps only, so look inside)
-        assert npz["disp"].shape == (3, *SHAPE)
+    with np.load(inverse) as npz:  # a voxel field, with its grid and convention
+        assert npz["disp"].shape == (3, *SHAPE) and str(npz["convention"]) == "voxel"
 
 
 def test_cli_finetune(files, tmp_path):

@@ -155,11 +155,11 @@ def test_resample_to_integer_shift_is_exact():
     assert not moved.data[5].any()
 
 
-def test_save_warp_ants_signs(tmp_path):
+def test_save_displacement_lps_signs(tmp_path):
     disp = np.zeros((3, 4, 5, 6), np.float32)
     disp[0] = 1.0  # +1 voxel along i
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    path = io.save_warp(tmp_path / "ants.nii.gz", disp, affine, convention="ants")
+    path = io.save_displacement(tmp_path / "ants.nii.gz", disp, affine, convention="lps-mm")
     img = nib.load(path)
     assert img.shape == (4, 5, 6, 1, 3)
     assert img.header.get_intent()[0] == "vector"
@@ -169,30 +169,85 @@ def test_save_warp_ants_signs(tmp_path):
     disp2 = np.zeros_like(disp)
     disp2[1] = 0.5
     disp2[2] = 1.0
-    io.save_warp(tmp_path / "ants2.nii.gz", disp2, affine, convention="ants")
+    io.save_displacement(tmp_path / "ants2.nii.gz", disp2, affine, convention="lps-mm")
     np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "ants2.nii.gz").dataobj)[0, 0, 0, 0],
                                [0.0, -1.0, 2.0])
     for name, d in (("ants.nii.gz", disp), ("ants2.nii.gz", disp2)):
-        back, back_affine = io.load_warp(tmp_path / name)
+        back, back_affine = io.load_displacement(tmp_path / name)
         np.testing.assert_allclose(back, d, atol=1e-6)
         np.testing.assert_allclose(back_affine, affine)
 
 
-@pytest.mark.parametrize("units", ["voxel", "mm"])
-def test_voxreg_warp_round_trip(tmp_path, units):
+OBLIQUE = np.array([[0, 0, 2.0, 3], [-1.5, 0, 0, 2], [0, 3.0, 0, 1], [0, 0, 0, 1]])
+OBLIQUE_2D = np.array([[0, 1.2, 0, 3], [-1.5, 0, 0, 2], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.mark.parametrize("convention, name, layout", [
+    ("lps-mm", "w.nii.gz", (1, 3)), ("lps-mm", "w.nii", (1, 3)), ("ras-mm", "w.nii.gz", (3,)),
+    ("ras-mm", "w.mgz", (3,)), ("voxel", "w.npz", None)])
+def test_displacement_round_trip_each_convention(tmp_path, convention, name, layout):
     rng = np.random.default_rng(5)
     disp = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
-    affine = np.array([[0, 0, 2.0, 3], [-1.5, 0, 0, 2], [0, 3.0, 0, 1], [0, 0, 0, 1]])
-    path = io.save_warp(tmp_path / "w.nii.gz", disp, affine, units=units)
-    stored = np.asarray(nib.load(path).dataobj)[..., 0, :]
-    expected = disp if units == "voxel" else np.einsum("ij,j...->i...", affine[:3, :3], disp)
-    np.testing.assert_allclose(np.moveaxis(stored, -1, 0), expected, rtol=1e-5, atol=1e-5)
-    back, _ = io.load_warp(path)
+    path = io.save_displacement(tmp_path / name, disp, OBLIQUE, convention)
+    # the default for the extension: lps-mm for NIfTI, ras-mm for MGZ, voxel for .npz
+    default = convention != "ras-mm" or name.endswith(".mgz")
+    assert (io.resolve_convention(path) == convention) == default
+    if layout is None:  # voxels, with the grid and the convention, in an .npz
+        with np.load(path) as archive:
+            np.testing.assert_array_equal(archive["disp"], disp)
+            np.testing.assert_array_equal(archive["affine"], OBLIQUE)
+            assert str(archive["convention"]) == "voxel"
+    else:
+        stored = nib.load(path)
+        assert stored.shape == (4, 5, 6) + layout
+        world = np.einsum("ij,j...->i...", OBLIQUE[:3, :3], disp.astype(np.float64))
+        expected = np.einsum("ij,j...->i...", LPS, world) if convention == "lps-mm" else world
+        values = np.asarray(stored.dataobj).reshape(4, 5, 6, 3)
+        np.testing.assert_allclose(np.moveaxis(values, -1, 0), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stored.affine, OBLIQUE, atol=1e-6)
+    given = "ras-mm" if name.endswith(".mgz") else None  # an MGZ carries no tag
+    back, affine = io.load_displacement(path, given)
     np.testing.assert_allclose(back, disp, rtol=1e-5, atol=1e-5)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(affine, OBLIQUE, atol=1e-6)
+    # 2D: (X, Y, 1, 1, 2), (X, Y, 1, 2) or an (2, X, Y) array
     disp2d = rng.normal(size=(2, 5, 6)).astype(np.float32)
-    io.save_warp(tmp_path / "w2.nii.gz", disp2d, np.eye(4), units=units)
-    assert nib.load(tmp_path / "w2.nii.gz").shape == (5, 6, 1, 1, 2)
-    np.testing.assert_allclose(io.load_warp(tmp_path / "w2.nii.gz")[0], disp2d, atol=1e-6)
+    path2d = io.save_displacement(tmp_path / f"2d_{name}", disp2d, OBLIQUE_2D, convention)
+    if layout is not None:
+        assert nib.load(path2d).shape == (5, 6, 1) + layout[:-1] + (2,)
+    np.testing.assert_allclose(io.load_displacement(path2d, given)[0], disp2d, atol=1e-5)
+    with pytest.raises(ValueError, match="singular"):  # OBLIQUE's first two axes are not a grid
+        io.save_displacement(tmp_path / f"bad_{name}", disp2d, OBLIQUE, convention)
+
+
+def _earlier_warp(path, disp, affine, tag):
+    """What ``io.save_warp`` of earlier versions wrote: 5D, intent ``vector`` named ``tag``."""
+    values = disp.astype(np.float64)
+    if tag != "voxreg:vox":
+        values = np.einsum("ij,j...->i...", affine[:3, :3], values)
+    if tag == "ants:lps-mm":
+        values = np.einsum("ij,j...->i...", LPS, values)
+    image = nib.Nifti1Image(np.moveaxis(values, 0, -1)[..., None, :].astype(np.float32), affine)
+    image.header.set_intent("vector", (), name=tag)
+    image.to_filename(str(path))
+    return path
+
+
+def test_reads_warps_of_earlier_versions(tmp_path):
+    disp = np.random.default_rng(7).normal(size=(3, 4, 5, 6)).astype(np.float32)
+    for tag in ("voxreg:vox", "voxreg:mm", "ants:lps-mm"):
+        path = _earlier_warp(tmp_path / f"{tag[-3:]}.nii.gz", disp, OBLIQUE, tag)
+        np.testing.assert_allclose(io.load_displacement(path)[0], disp, atol=1e-5, err_msg=tag)
+    # their .npz held only 'disp' (voxels, no grid): read with convention='voxel'
+    np.savez(tmp_path / "old.npz", disp=disp)
+    with pytest.raises(ValueError, match=r"old\.npz.*--warp-convention"):
+        io.load_displacement(tmp_path / "old.npz")
+    np.testing.assert_array_equal(io.load_displacement(tmp_path / "old.npz", "voxel")[0], disp)
+    # the earlier names are the same functions, the earlier conventions say what they became
+    assert io.save_warp is io.save_displacement and io.load_warp is io.load_displacement
+    with pytest.raises(ValueError, match="lps-mm"):
+        io.save_warp(tmp_path / "w.nii.gz", disp, OBLIQUE, convention="ants")
 
 
 def test_check_output_path(tmp_path):
@@ -221,12 +276,20 @@ def test_real_ixi_image_and_labels():
     assert io.read_grid(IXI / "images" / f"{subject}.nii.gz")[0] == (96, 112, 96)
 
 
-@pytest.mark.parametrize("ext", [".npz", ".npy"])
-def test_numpy_warp_round_trip_2d_and_3d(tmp_path, ext):
+def test_numpy_warp_round_trip_2d_and_3d(tmp_path):
     rng = np.random.default_rng(6)
     for shape in ((3, 4, 5, 6), (2, 5, 7)):
         disp = rng.normal(size=shape).astype(np.float32)
-        path = io.save_warp(tmp_path / f"w{len(shape)}{ext}", disp, np.eye(4))
-        back, affine = io.load_warp(path)
+        path = io.save_displacement(tmp_path / f"w{len(shape)}.npz", disp, np.eye(4))
+        back, affine = io.load_displacement(path)
         np.testing.assert_array_equal(back, disp)
         np.testing.assert_array_equal(affine, np.eye(4))
+        # a field in voxels is never written where another tool would take it for mm
+        for name in (f"w{len(shape)}.npy", f"w{len(shape)}.nii.gz", f"w{len(shape)}.mgz"):
+            with pytest.raises(ValueError, match=r"\.npz"):
+                io.save_displacement(tmp_path / name, disp, np.eye(4), "voxel")
+        np.save(tmp_path / f"w{len(shape)}.npy", disp)  # a bare array: its convention is asked
+        with pytest.raises(ValueError, match="convention"):
+            io.load_displacement(tmp_path / f"w{len(shape)}.npy")
+        back, _ = io.load_displacement(tmp_path / f"w{len(shape)}.npy", "voxel")
+        np.testing.assert_array_equal(back, disp)

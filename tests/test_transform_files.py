@@ -1,6 +1,7 @@
 """voxreg.transform_files against SimpleITK (in this environment) and ANTsPy (in its own
 environment, run in one subprocess per session): displacement-field conventions, .mat affines,
-ANTs-order chains applied with one interpolation.
+ANTs-order chains applied with one interpolation, and the files of ``voxreg register --warp`` and
+``voxreg warp -t ... -r ...`` against ANTs.
 
 ANTsPy is looked for at ``<repo>/.venv-ants/bin/python`` (for a linked git worktree also in the
 main checkout), or wherever ``VOXREG_ANTS_PYTHON`` points; the ANTs tests skip without it, the
@@ -19,8 +20,10 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from cli_helpers import assert_ok, run
 from scipy import ndimage
 
+import voxreg
 from voxreg import io
 from voxreg import transform_files as tf
 from voxreg.transforms import warp
@@ -150,6 +153,36 @@ def case(tmp_path_factory) -> dict:
             "on_fixed_data": on_fixed, "labels_data": labels, **paths}
 
 
+REG_SHAPE = (16, 16, 16)
+REG_AFFINE = oblique_grid(REG_SHAPE, (1.1, 0.9, 1.3), (0.2, -0.1, 0.3), (1.0, -2.0, 3.0))
+
+
+@pytest.fixture(scope="module")
+def registered(case) -> dict:
+    """``voxreg register --warp reg_warp.nii.gz`` of a synthetic pair sharing an oblique grid,
+    with a tiny untrained model that deforms visibly (``--normalize none``: ``--moved`` is in the
+    moving image's units)."""
+    folder = case["folder"]
+    points = world_points(REG_SHAPE, REG_AFFINE)
+    moving = pattern(points)
+    fixed = pattern(points + np.array([0.8, -0.5, 0.4]).reshape(3, 1, 1, 1))
+    torch.manual_seed(0)
+    model = voxreg.nn.networks.VxmDense(REG_SHAPE, nb_features=[[4, 4], [4, 4, 4]], int_steps=3)
+    with torch.no_grad():
+        model.flow.weight.normal_(0, 0.05)
+        model.flow.bias.copy_(torch.tensor([0.6, -0.4, 0.3]))
+    paths = {"reg_moving": save_nifti(folder / "reg_moving.nii.gz", moving, REG_AFFINE),
+             "reg_fixed": save_nifti(folder / "reg_fixed.nii.gz", fixed, REG_AFFINE),
+             "reg_model": voxreg.save_model(model, folder / "reg_model.safetensors"),
+             "reg_warp": folder / "reg_warp.nii.gz", "reg_moved": folder / "reg_moved.nii.gz"}
+    result = run("register", paths["reg_moving"], paths["reg_fixed"], "-m", paths["reg_model"],
+                 "--moved", paths["reg_moved"], "--warp", paths["reg_warp"], "--normalize", "none",
+                 "--pipeline", "direct", "--device", "cpu")
+    assert_ok(result)
+    assert "lps-mm" in result.output
+    return {"moving_data": moving, "output": result.output, **paths}
+
+
 def chain_mask(case: dict) -> np.ndarray:
     """Fixed voxels whose chain [warp, affine] lands one voxel inside the moving grid."""
     disp = tf.compose_to_displacement([case["warp"], case["affine"]],
@@ -209,6 +242,10 @@ ants.write_transform(made, d + "ants_affine.mat")
 composed = ants.apply_transforms(fixed, moving, transformlist=[d + "warp.nii.gz", d + "affine.mat"],
                                  whichtoinvert=[False, False], compose=d + "ants_")
 shutil.copy(composed, d + "ants_composed.nii.gz")
+reg_fixed = ants.image_read(d + "reg_fixed.nii.gz")
+np.save(d + "ants_registered.npy", ants.apply_transforms(
+    reg_fixed, ants.image_read(d + "reg_moving.nii.gz"), transformlist=[d + "reg_warp.nii.gz"],
+    interpolator="linear").numpy())
 grid = np.load(d + "field_grid.npy")
 field = ants.from_numpy(np.load(d + "field_lps.npy"), origin=tuple(grid[0]), spacing=tuple(grid[1]),
                         direction=grid[2:5], has_components=True)
@@ -217,7 +254,7 @@ ants.image_write(field, d + "ants_field.nii.gz")
 
 
 @pytest.fixture(scope="module")
-def ants_run(case) -> dict:
+def ants_run(case, registered) -> dict:
     """Run every ANTsPy step once; the tests compare its outputs."""
     python = ants_python()
     if python is None:
@@ -240,7 +277,7 @@ def ants_run(case) -> dict:
         pytest.skip(f"{python} cannot import ants")
     assert done.returncode == 0, done.stderr[-3000:]
     out = {name: np.load(folder / f"ants_{name}.npy") for name in (
-        "warp_only", "chain", "chain_inv", "label", "nearest", "points")}
+        "warp_only", "chain", "chain_inv", "label", "nearest", "points", "registered")}
     return {"points_in": points, "spec": spec, **out}
 
 
@@ -308,13 +345,29 @@ def test_reads_fields_written_by_ants(case, ants_run):
     assert np.abs(composed - ours).max() < 1e-4
 
 
-def test_reads_io_save_warp_files(tmp_path):
+def earlier_io_warp(path: Path, disp: np.ndarray, affine: np.ndarray, tag: str) -> Path:
+    """A field as ``io.save_warp`` of earlier voxreg versions wrote it: 5D ``(X, Y, Z, 1, 3)``
+    float32, intent ``vector`` named ``voxreg:vox`` (voxels), ``voxreg:mm`` (RAS mm) or
+    ``ants:lps-mm`` (LPS mm)."""
+    values = disp.astype(np.float64)
+    if tag != "voxreg:vox":
+        values = np.einsum("ij,j...->i...", affine[:3, :3], values)
+    if tag == "ants:lps-mm":
+        values = np.einsum("ij,j...->i...", FLIP, values)
+    image = nib.Nifti1Image(np.moveaxis(values, 0, -1)[:, :, :, None].astype(np.float32), affine)
+    image.header.set_intent("vector", (), name=tag)
+    image.set_sform(affine, code=2)
+    image.set_qform(affine, code=2)
+    image.to_filename(str(path))
+    return path
+
+
+def test_reads_earlier_io_save_warp_files(tmp_path):
     disp = smooth_disp()
-    for convention, units in (("ants", "voxel"), ("voxreg", "mm"), ("voxreg", "voxel")):
-        path = io.save_warp(tmp_path / f"{convention}_{units}.nii.gz", disp, FIXED_AFFINE,
-                            convention=convention, units=units)
+    for tag in ("ants:lps-mm", "voxreg:mm", "voxreg:vox"):
+        path = earlier_io_warp(tmp_path / f"{tag.replace(':', '_')}.nii.gz", disp, FIXED_AFFINE, tag)
         back, _ = tf.load_displacement(path)
-        assert np.abs(back - disp).max() < 1e-5, (convention, units)
+        assert np.abs(back - disp).max() < 1e-5, tag
 
 
 def test_lps_field_2d_round_trip(tmp_path):
@@ -504,6 +557,39 @@ def test_chain_labels_match_ants(case, ants_run):
         assert set(np.unique(ours.data)) <= set(np.unique(case["labels_data"])) | {0}
         agreement = (ours.data == np.rint(theirs))[mask].mean()
         assert agreement > 0.97, (interp, agreement)
+
+
+def test_register_warp_is_what_ants_applies(registered, ants_run):
+    """``voxreg register --warp w.nii.gz`` writes an lps-mm field: ``antsApplyTransforms -i
+    moving -r fixed -t w.nii.gz`` gives ``--moved``."""
+    stored = nib.load(str(registered["reg_warp"]))
+    assert stored.shape == (*REG_SHAPE, 1, 3)
+    assert stored.header.get_intent()[2] == "voxreg:lps-mm"
+    disp, _ = tf.load_displacement(registered["reg_warp"])
+    assert np.abs(disp).max() > 0.3  # a visible deformation
+    moved = io.load_image(registered["reg_moved"]).data
+    mask = inside(disp + np.indices(REG_SHAPE), REG_SHAPE)
+    assert mask.mean() > 0.3
+    assert max_rel(ants_run["registered"], moved, mask, np.ptp(registered["moving_data"])) < 1e-4
+
+
+def test_warp_command_matches_ants(case, ants_run, tmp_path):
+    """``voxreg warp IMAGE -t warp -t [affine,1] -r fixed`` is ``ants.apply_transforms`` with the
+    same list; a label map keeps its dtype."""
+    mask = chain_mask(case)
+    out = tmp_path / "moved.nii.gz"
+    assert_ok(run("warp", case["moving"], "-t", case["warp"], "-t", f"[{case['affine_inv']},1]",
+                  "-r", case["fixed"], "-o", out))
+    moved = io.load_image(out)
+    assert moved.shape == FIXED_SHAPE and moved.data.dtype == np.float32
+    np.testing.assert_allclose(moved.affine, FIXED_AFFINE, atol=1e-5)
+    assert max_rel(moved.data, ants_run["chain_inv"], mask, np.ptp(case["moving_data"])) < 1e-4
+    labels = tmp_path / "labels.nii.gz"
+    assert_ok(run("warp", case["labels"], "-t", case["warp"], "-t", case["affine"], "-r",
+                  case["fixed"], "-o", labels, "--interp", "label"))
+    ours = io.load_image(labels).data
+    assert ours.dtype == case["labels_data"].dtype == np.int16
+    assert (ours == np.rint(ants_run["label"]))[mask].mean() > 0.97
 
 
 @needs_sitk

@@ -130,7 +130,8 @@ class AffineResult:
         return io.resample_to(shifted, target, interp=interp, fill_value=fill_value)
 
     def save_itk(self, path: str | Path) -> Path:
-        """Write the world matrix as an ITK/ANTs text transform (see :func:`save_itk_affine`)."""
+        """Write the world matrix as an ITK/ANTs transform: ``.mat`` (MATLAB v4 binary, as ANTs
+        writes) or text for any other extension (see :func:`save_itk_affine`)."""
         return save_itk_affine(path, self.world_matrix)
 
 

@@ -15,6 +15,7 @@ grid here) and pulls the fixed image onto the moving one.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,7 +40,7 @@ from voxreg.apps.files import (
 )
 from voxreg.apps.native import NativeResult, register_native
 from voxreg.domain import ModelDomain, model_domain
-from voxreg.transform_files import save_affine, save_displacement
+from voxreg.transform_files import save_affine
 
 __all__ = ["RegisterResult", "register_files"]
 
@@ -76,6 +77,9 @@ class RegisterResult:
         device: where the model ran.
         written: the files written, by command-line option (``"--moved"``, ``"--warp"``,
             ``"--inverse-warp"``, ``"--moved-fixed"``, ``"--transform"``), in writing order.
+        warp_conventions: the convention of each field file written (``"--warp"``,
+            ``"--inverse-warp"``): ``"lps-mm"``, ``"ras-mm"`` or ``"voxel"``
+            (:mod:`voxreg.io.warps`).
     """
 
     moved: io.Image
@@ -91,6 +95,7 @@ class RegisterResult:
     native: NativeResult | None = None
     moved_labels: io.Image | None = None
     written: dict[str, Path] = field(default_factory=dict)
+    warp_conventions: dict[str, str] = field(default_factory=dict)
 
 
 def _field(value, ndim: int) -> Tensor:
@@ -99,18 +104,42 @@ def _field(value, ndim: int) -> Tensor:
     return tensor.reshape(1, ndim, *tensor.shape[-ndim:])
 
 
-def _check_outputs(named: list[tuple[str, PathLike]], inputs: tuple, warp_units: str,
-                   warp_format: str) -> None:
+def _check_outputs(named: list[tuple[str, PathLike]], inputs: tuple) -> None:
     checked = {option: (io.check_output_file if option == "--transform" else
                         io.check_output_path)(value, inputs) for option, value in named}
     for k, (option, _) in enumerate(named):
         for other, _ in named[:k]:
             if checked[option].resolve() == checked[other].resolve():
                 raise ValueError(f"{other} and {option} must be different files")
-    if warp_format == "ants" or warp_units == "mm":
-        for option, value in named:
-            if option in ("--warp", "--inverse-warp") and io.format_of(value) not in (".nii.gz", ".nii"):
-                raise ValueError(f"{option}: a warp in mm or for ANTs must be a .nii.gz or .nii file")
+
+
+def _warp_conventions(named: list[tuple[str, PathLike]], convention: str | None,
+                      units: str | None, form: str | None) -> dict[str, str]:
+    """The convention of each field output (``--warp``, ``--inverse-warp``), checked against
+    its file's extension before anything is written. ``units``/``form``: the deprecated
+    ``--warp-units``/``--warp-format`` (a FutureWarning says what they now mean)."""
+    hint = ""
+    if units is not None or form is not None:
+        if units not in (None, "voxel", "mm") or form not in (None, "voxreg", "ants"):
+            raise ValueError(f"--warp-units must be voxel or mm and --warp-format voxreg or ants, "
+                             f"got {units!r} and {form!r}; use --warp-convention lps-mm|ras-mm|voxel")
+        if convention is not None:
+            raise ValueError("--warp-units/--warp-format are the old spellings of "
+                             "--warp-convention: give --warp-convention only")
+        given = " ".join(f"--warp-{k} {v}" for k, v in (("units", units), ("format", form)) if v)
+        convention = "lps-mm" if form == "ants" else "ras-mm" if units == "mm" else "voxel"
+        hint = f" ({given} means --warp-convention {convention})"
+        warnings.warn(f"{given} is deprecated: it now means --warp-convention {convention} (lps-mm: "
+                      "ANTs/ITK NIfTI, ras-mm: FreeSurfer NIfTI/MGZ, voxel: voxreg .npz)",
+                      FutureWarning, stacklevel=3)
+    conventions = {}
+    for option, value in named:
+        if option in ("--warp", "--inverse-warp"):
+            try:
+                conventions[option] = io.resolve_convention(value, convention)
+            except ValueError as err:
+                raise ValueError(f"{option}: {err}{hint}") from None
+    return conventions
 
 
 def _affine_step(moving: ImageLike, fixed: ImageLike, normalize: str, model_ndim: int, loss: str
@@ -139,8 +168,7 @@ def register_files(
     inverse_warp: PathLike | None = None,
     moved_fixed: PathLike | None = None,
     transform: PathLike | None = None,
-    warp_units: Literal["voxel", "mm"] = "voxel",
-    warp_format: Literal["voxreg", "ants"] = "voxreg",
+    warp_convention: Literal["lps-mm", "ras-mm", "voxel"] | None = None,
     finetune: int = 0,
     finetune_lr: float | None = None,
     finetune_lambda: float | None = None,
@@ -155,6 +183,8 @@ def register_files(
     moving_labels: ImageLike | None = None,
     moved_labels: PathLike | None = None,
     label_interp: Literal["label", "nearest"] = "label",
+    warp_units: Literal["voxel", "mm"] | None = None,
+    warp_format: Literal["voxreg", "ants"] | None = None,
 ) -> RegisterResult:
     """Register ``moving`` to ``fixed`` with a trained model, as ``voxreg register`` does.
 
@@ -167,16 +197,18 @@ def register_files(
             registration module (e.g. :class:`voxreg.nn.networks.VxmDense`; it is moved to
             ``device``).
         moved: output file of the moved image (``None``: not written, only returned).
-        warp: output file of the displacement (NIfTI vector image, or ``.npz``/``.npy`` in
-            voxels), on the fixed grid.
+        warp: output file of the displacement on the fixed grid, in ``warp_convention``.
         inverse_warp: output file of the inverse displacement (moving -> fixed), written like
             ``warp``; exact for a diffeomorphic model, a fixed-point approximation (with an
             :class:`voxreg.registration.InverseApproximationWarning`) for a plain one.
         moved_fixed: output file of the fixed image warped onto the moving grid by the inverse.
         transform: with ``affine``: output ITK/ANTs text transform (``.txt``/``.tfm``).
-        warp_units: ``"voxel"`` (of the fixed grid) or ``"mm"`` (RAS) for the saved fields.
-        warp_format: ``"voxreg"`` or ``"ants"`` (LPS mm for antsApplyTransforms; ignores
-            ``warp_units``).
+        warp_convention: the convention of ``warp`` and ``inverse_warp``
+            (:func:`voxreg.io.save_displacement`): ``"lps-mm"`` (ANTs/ITK, a 5D NIfTI that
+            ``antsApplyTransforms -r fixed -t warp`` applies to the moving image), ``"ras-mm"``
+            (FreeSurfer/mri_synthmorph, a 4D NIfTI or MGZ) or ``"voxel"`` (voxels of the grid,
+            ``.npz`` only); default by extension: ``lps-mm`` for ``.nii.gz``/``.nii``,
+            ``ras-mm`` for ``.mgz``/``.mgh``, ``voxel`` for ``.npz``.
         finetune: refine the network's field on this pair for at most this many Adam steps
             (:func:`voxreg.registration.finetune`, stopping early); 0: the network alone.
         finetune_lr, finetune_lambda, image_loss: the finetuning's step (voxels), smoothness
@@ -198,19 +230,22 @@ def register_files(
             applied to the original moving scan); ``"native"``: always that; ``"direct"``: the
             images go to the network on the fixed grid (with ``resample``/``affine`` as asked).
             In the native pipeline ``moved`` is in the moving scan's own intensity units,
-            ``warp`` is a world-space displacement on the fixed grid (ANTs LPS mm for NIfTI,
-            voxels for ``.npz``), ``inverse_warp`` lies on the moving grid and ``transform`` is
-            the affine part (``.txt``, ``.tfm`` or ``.mat``).
+            ``warp`` is the world-space displacement on the fixed grid, ``inverse_warp`` lies
+            on the moving grid and ``transform`` is the affine part (``.txt``, ``.tfm`` or
+            ``.mat``).
         moving_labels: a label map on the moving scan's grid to carry onto the fixed grid
             (written to ``moved_labels``, integer dtype kept).
         moved_labels: output file of the moved label map.
         label_interp: ``"label"`` (ANTs' genericLabel rule) or ``"nearest"``.
+        warp_units, warp_format: deprecated (a FutureWarning): ``warp_format="ants"`` is
+            ``warp_convention="lps-mm"``, ``warp_units="mm"`` is ``"ras-mm"``,
+            ``warp_units="voxel"`` is ``"voxel"`` (``.npz``).
 
     Returns:
         A :class:`RegisterResult`: the moved image, the displacement ``(1, ndim, *spatial)``
         (voxels, fixed grid), the inverse if asked for, the affine result, the seconds per pair
-        and the paths written. Every output is written atomically; nothing is written when a
-        check fails, and an input is never overwritten.
+        and the paths written (with each field's convention). Every output is written
+        atomically; nothing is written when a check fails, and an input is never overwritten.
 
     Raises:
         FileNotFoundError: a missing input file or model (the message names which).
@@ -241,20 +276,17 @@ def register_files(
         inputs += tuple(p for p in (source_path(moving_labels),) if p is not None)
     if pipeline not in ("auto", "native", "direct"):
         raise ValueError(f"--pipeline must be auto, native or direct, got {pipeline!r}")
+    conventions = _warp_conventions(named, warp_convention, warp_units, warp_format)
     dev = resolve_device(device)
     net = resolve_model(model, dev)
     ndim = registration.model_ndim(net)
     domain = model_domain(net)
     if _use_native(pipeline, domain, ndim, affine, resample, moving, fixed):
-        _check_outputs(named, inputs, "voxel", "voxreg")
-        for option, value in named:
-            if option in ("--warp", "--inverse-warp") and io.format_of(value) not in (
-                    ".nii.gz", ".nii", ".npz"):
-                raise ValueError(f"{option}: a world-space warp is a .nii.gz/.nii file (ANTs LPS "
-                                 f"mm) or .npz (voxels), got {str(value)!r}")
+        _check_outputs(named, inputs)
         return _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
                                 moved_fixed, transform, finetune, finetune_lr, finetune_lambda,
-                                image_loss, progress, moving_labels, moved_labels, label_interp)
+                                image_loss, progress, moving_labels, moved_labels, label_interp,
+                                conventions)
     if moving_labels is not None:
         raise ValueError("--moving-labels needs the native pipeline (a 3D model with a domain); "
                          "warp labels with 'voxreg warp --interp label' instead")
@@ -264,7 +296,7 @@ def register_files(
         raise ValueError("--inverse-warp and --moved-fixed are not available with --affine yet")
     if transform is not None and not str(transform).lower().endswith((".txt", ".tfm")):
         raise ValueError(f"--transform must be a .txt or .tfm file (ITK text), got {str(transform)!r}")
-    _check_outputs(named, inputs, warp_units, warp_format)
+    _check_outputs(named, inputs)
 
     norm = model_normalize(net, normalize)
     affine_result = None
@@ -295,11 +327,10 @@ def register_files(
     disp = _field(disp, ndim)
     inverse = None if result.inverse_disp is None else _field(result.inverse_disp, ndim)
     if warp is not None:
-        written["--warp"] = io.save_warp(warp, disp, fix.affine, convention=warp_format,
-                                         units=warp_units)
-    if inverse_warp is not None:
-        written["--inverse-warp"] = io.save_warp(inverse_warp, inverse, fix.affine,
-                                                 convention=warp_format, units=warp_units)
+        written["--warp"] = io.save_displacement(warp, disp, fix.affine, conventions["--warp"])
+    if inverse_warp is not None:  # on the moving grid, which is the fixed grid here
+        written["--inverse-warp"] = io.save_displacement(inverse_warp, inverse, fix.affine,
+                                                         conventions["--inverse-warp"])
     moved_fixed_image = None
     if result.moved_fixed is not None:
         moved_fixed_image = io.Image(np.asarray(result.moved_fixed), fix.affine, fix.header,
@@ -317,7 +348,7 @@ def register_files(
         moved=moved_image, disp=disp, seconds=seconds, device=dev, registration=result,
         inverse_disp=inverse, moved_fixed=moved_fixed_image,
         inverse_exact=result.inverse_exact, inverse_residual=result.inverse_residual,
-        affine=affine_result, written=written,
+        affine=affine_result, written=written, warp_conventions=conventions,
     )
 
 
@@ -348,9 +379,6 @@ def _voxel_field(world_disp: np.ndarray, affine: np.ndarray) -> Tensor:
     return torch.from_numpy(disp)[None]
 
 
-def _write_field(path: PathLike, disp: Tensor, affine: np.ndarray) -> Path:
-    convention = "voxel" if str(path).lower().endswith(".npz") else "lps-mm"
-    return save_displacement(path, disp[0], affine, convention=convention)
 
 
 def _in_units_of(data: np.ndarray, like: io.Image) -> np.ndarray:
@@ -365,7 +393,7 @@ def _in_units_of(data: np.ndarray, like: io.Image) -> np.ndarray:
 
 def _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp, moved_fixed,
                      transform, finetune, finetune_lr, finetune_lambda, image_loss, progress,
-                     moving_labels, moved_labels, label_interp) -> RegisterResult:
+                     moving_labels, moved_labels, label_interp, conventions) -> RegisterResult:
     """The native pipeline of :func:`register_files` (:func:`voxreg.apps.native.register_native`)."""
     mov, fix = as_image(moving, "moving"), as_image(fixed, "fixed")
     labels = as_image(moving_labels, "moving_labels", labels=True) if moving_labels is not None \
@@ -386,7 +414,7 @@ def _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
         written["--moved"] = moved_image.path = io.save_image(moved, moved_data, affine=fix.affine,
                                                               header=fix.header)
     if warp is not None:
-        written["--warp"] = _write_field(warp, disp, fix.affine)
+        written["--warp"] = io.save_displacement(warp, disp, fix.affine, conventions["--warp"])
     inverse = moved_fixed_image = None
     if want_inverse:
         points = np.tensordot(mov.affine[:3, :3], result.inverse_coords, axes=1) + \
@@ -395,7 +423,8 @@ def _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
             mov.shape, dtype=torch.float64).numpy(), axes=1) + mov.affine[:3, 3].reshape(3, 1, 1, 1)
         inverse = _voxel_field((points - moving_points).astype(np.float32), mov.affine)
         if inverse_warp is not None:
-            written["--inverse-warp"] = _write_field(inverse_warp, inverse, mov.affine)
+            written["--inverse-warp"] = io.save_displacement(inverse_warp, inverse, mov.affine,
+                                                             conventions["--inverse-warp"])
         moved_fixed_data = _in_units_of(result.resample_fixed(fix), fix)
         moved_fixed_image = io.Image(moved_fixed_data, mov.affine, mov.header, None, False)
         if moved_fixed is not None:
@@ -416,4 +445,4 @@ def _register_native(moving, fixed, net, domain, dev, moved, warp, inverse_warp,
         registration=reg, inverse_disp=inverse, moved_fixed=moved_fixed_image,
         inverse_exact=getattr(reg, "inverse_exact", None),
         inverse_residual=getattr(reg, "inverse_residual", None), native=result,
-        moved_labels=moved_labels_image, written=written)
+        moved_labels=moved_labels_image, written=written, warp_conventions=conventions)

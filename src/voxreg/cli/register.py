@@ -9,9 +9,14 @@ import click
 
 from voxreg.apps.register import register_files
 from voxreg.cli.options import DEVICE, NORMALIZE, NORMALIZE_HELP, one_line
+from voxreg.io import CONVENTIONS
 from voxreg.registration import DEFAULT_FINETUNE_STEPS
 
 __all__ = ["register"]
+
+#: how the printed lines name the convention of a field written
+_DESCRIPTIONS = {"lps-mm": "lps-mm: LPS mm for ANTs/ITK", "ras-mm": "ras-mm: RAS mm for FreeSurfer",
+                 "voxel": "voxel: voxels, voxreg only"}
 
 
 @click.command()
@@ -22,21 +27,25 @@ __all__ = ["register"]
 @click.option("--moved", "-o", "moved_out", required=True, type=click.Path(),
               help="output: the moving image warped onto the fixed grid")
 @click.option("--warp", "warp_out", type=click.Path(),
-              help="output: the displacement field (NIfTI vector image on the fixed grid)")
+              help="output: the displacement field on the fixed grid, in --warp-convention")
 @click.option("--inverse-warp", "inverse_out", type=click.Path(),
-              help="output: the inverse displacement (moving -> fixed), written like --warp (same "
-              "--warp-units/--warp-format) on the shared grid; it pulls the fixed image onto the "
+              help="output: the inverse displacement (moving -> fixed), written like --warp (in "
+              "--warp-convention) on the moving grid; it pulls the fixed image onto the "
               "moving one. Exact for a diffeomorphic model (exp of the negated velocity); for a "
               "plain model (int_steps=0) a fixed-point approximation, with a warning giving its "
               "residual")
 @click.option("--moved-fixed", "moved_fixed_out", type=click.Path(),
               help="output: the fixed image warped onto the moving image by the inverse "
               "(what a bidirectional model's second output is)")
-@click.option("--warp-units", type=click.Choice(["voxel", "mm"]), default="voxel", show_default=True,
-              help="units of the saved field: voxels of the fixed grid, or RAS mm")
-@click.option("--warp-format", type=click.Choice(["voxreg", "ants"]), default="voxreg",
-              show_default=True,
-              help="'ants': LPS mm displacement readable by antsApplyTransforms (ignores --warp-units)")
+@click.option("--warp-convention", type=click.Choice(list(CONVENTIONS)), default=None,
+              help="convention of --warp and --inverse-warp: 'lps-mm' (ANTs/ITK 5D NIfTI: "
+              "antsApplyTransforms -r FIXED -t WARP), 'ras-mm' (FreeSurfer/mri_synthmorph 4D "
+              "NIfTI or MGZ), 'voxel' (voxels, voxreg's .npz only). Default by extension: "
+              "lps-mm for .nii.gz/.nii, ras-mm for .mgz, voxel for .npz")
+@click.option("--warp-units", type=click.Choice(["voxel", "mm"]), default=None, hidden=True,
+              help="deprecated: --warp-units mm is --warp-convention ras-mm, voxel is voxel (.npz)")
+@click.option("--warp-format", type=click.Choice(["voxreg", "ants"]), default=None, hidden=True,
+              help="deprecated: --warp-format ants is --warp-convention lps-mm")
 @click.option("--finetune", "finetune_steps", type=click.IntRange(min=0), default=0,
               is_flag=False, flag_value=DEFAULT_FINETUNE_STEPS, metavar="[N]",
               help="instance-specific optimisation: refine the network's field on this pair alone "
@@ -83,8 +92,8 @@ __all__ = ["register"]
 @click.option("--interp", "label_interp", type=click.Choice(["label", "nearest"]), default="label",
               show_default=True, help="interpolation of --moving-labels")
 def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_fixed_out,
-             warp_units, warp_format, finetune_steps, finetune_lr, finetune_lambda, image_loss,
-             progress, resample, affine_first, affine_loss, transform_out, normalize, device,
+             warp_convention, warp_units, warp_format, finetune_steps, finetune_lr, finetune_lambda,
+             image_loss, progress, resample, affine_first, affine_loss, transform_out, normalize, device,
              pipeline, moving_labels, moved_labels_out, label_interp):
     """Register MOVING to FIXED with a trained model.
 
@@ -98,11 +107,11 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
         warnings.simplefilter("always")
         result = register_files(
             moving, fixed, model_name, moved=moved_out, warp=warp_out, inverse_warp=inverse_out,
-            moved_fixed=moved_fixed_out, transform=transform_out, warp_units=warp_units,
-            warp_format=warp_format, finetune=finetune_steps, finetune_lr=finetune_lr,
-            finetune_lambda=finetune_lambda, image_loss=image_loss, progress=progress,
-            resample=resample, affine=affine_first, affine_loss=affine_loss, normalize=normalize,
-            device=device, pipeline=pipeline, moving_labels=moving_labels,
+            moved_fixed=moved_fixed_out, transform=transform_out, warp_convention=warp_convention,
+            warp_units=warp_units, warp_format=warp_format, finetune=finetune_steps,
+            finetune_lr=finetune_lr, finetune_lambda=finetune_lambda, image_loss=image_loss,
+            progress=progress, resample=resample, affine=affine_first, affine_loss=affine_loss,
+            normalize=normalize, device=device, pipeline=pipeline, moving_labels=moving_labels,
             moved_labels=moved_labels_out, label_interp=label_interp)
     for warning in caught:
         click.echo(f"warning: {one_line(warning.message)}", err=True)
@@ -110,23 +119,20 @@ def register(moving, fixed, model_name, moved_out, warp_out, inverse_out, moved_
     if result.native is not None:
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.native.seconds.items())
         click.echo(f"native pipeline: scans brought into the model's domain ({stages})")
-        if warp_out is not None:
-            click.echo(f"warp: {warp_out} (world displacement on the fixed grid, "
-                       f"{'voxels' if str(warp_out).endswith('.npz') else 'ANTs LPS mm'})")
         if moved_labels_out is not None:
             click.echo(f"moved labels: {moved_labels_out} ({label_interp})")
     if result.affine is not None:
         click.echo(f"affine: {result.affine.seconds:.3f} s ({affine_loss})"
                    + (f", transform {transform_out}" if transform_out else ""))
-    units = "ANTs LPS mm" if warp_format == "ants" else warp_units
-    if warp_out is not None and result.native is None:
-        click.echo(f"warp: {warp_out} ({units})")
+    conventions = result.warp_conventions
+    if warp_out is not None:
+        click.echo(f"warp: {warp_out} ({_DESCRIPTIONS[conventions['--warp']]}, on the fixed grid)")
     if inverse_out is not None:
         kind = "exact: exp(-velocity)" if result.inverse_exact else "fixed-point approximation"
         residual = "" if result.inverse_residual is None else \
             f", mean residual {result.inverse_residual:.3g} voxels"
-        where = "world displacement on the moving grid" if result.native is not None else units
-        click.echo(f"inverse warp: {inverse_out} ({where}; {kind}{residual})")
+        click.echo(f"inverse warp: {inverse_out} ({_DESCRIPTIONS[conventions['--inverse-warp']]}, "
+                   f"on the moving grid; {kind}{residual})")
     if moved_fixed_out is not None:
         click.echo(f"moved fixed image: {moved_fixed_out}")
     if finetune_steps > 0:

@@ -24,12 +24,15 @@ __all__ = [
     "Normalize",
     "SUPPORTED",
     "atomic_write",
+    "check_affine",
+    "check_input_file",
     "check_output_file",
     "check_output_path",
     "format_of",
     "load_image",
     "load_labels",
     "normalize",
+    "npz_keys",
     "read_file",
     "read_grid",
     "resample_to",
@@ -110,11 +113,38 @@ def voxel_sizes(affine: np.ndarray, ndim: int = 3) -> tuple[float, ...]:
     return tuple(float(v) for v in np.sqrt((affine[:3, :ndim] ** 2).sum(0)))
 
 
-def _check_exists(path: Path) -> None:
+def check_input_file(path: str | os.PathLike, kind: str = "file") -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is an existing file; else FileNotFoundError
+    (``no such {kind}: 'path'``) or IsADirectoryError naming it."""
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
+        raise FileNotFoundError(f"no such {kind}: {str(path)!r}")
     if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a folder, not an image file")
+        raise IsADirectoryError(f"{str(path)!r} is a folder, not a {kind}")
+    return path
+
+
+def check_affine(affine: Any, name: str = "affine") -> np.ndarray:
+    """``affine`` as a finite ``(4, 4)`` float64 voxel-to-world matrix; else a ValueError naming
+    ``name``."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"{name} must be a finite (4, 4) voxel-to-world matrix, got shape "
+                         f"{matrix.shape}")
+    return matrix
+
+
+def npz_keys(path: str | os.PathLike) -> list[str]:
+    """The names of the arrays of an ``.npz`` archive (``[]`` for any other format)."""
+    path = Path(path)
+    if format_of(path) != ".npz":
+        return []
+    check_input_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return list(archive.keys())
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot read {str(path)!r} (corrupt or not a .npz file): {err}") from None
 
 
 def _pick_npz(archive: Any, path: Path, key: str | None, prefer: tuple[str, ...]) -> np.ndarray:
@@ -138,7 +168,7 @@ def read_file(path: Path, key: str | None, prefer: tuple[str, ...], vector: bool
     """Read ``path``; ``vector=True`` takes an ``.npz``/``.npy`` array ``(ndim, *spatial)`` as a
     field with its components first (a displacement)."""
     ext = format_of(path)
-    _check_exists(path)
+    check_input_file(path)
     try:
         if ext in _NIBABEL:
             img = nib.load(str(path))
@@ -263,7 +293,7 @@ def read_grid(path: str | os.PathLike, key: str | None = None) -> tuple[tuple[in
     path = Path(path)
     ext = format_of(path)
     if ext in _NIBABEL:
-        _check_exists(path)
+        check_input_file(path)
         try:
             img = nib.load(str(path))
             shape = tuple(int(s) for s in img.shape)
@@ -554,9 +584,7 @@ def save_image(
         affine = like.affine if like is not None else np.eye(4)
     if header is None and like is not None:
         header = like.header
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be a (4, 4) matrix, got shape {affine.shape}")
+    affine = check_affine(affine)
     if ext == ".npz":
         return atomic_write(path, lambda tmp: np.savez_compressed(tmp, **{key: data}))
     if ext == ".npy":
