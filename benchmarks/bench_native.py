@@ -17,7 +17,10 @@ fixed and the moving label map; brain1mm also over its 30 evaluation labels with
   the fixed grid), labels carried by the same call (``moving_labels``, ``label_interp="label"``).
   ``--finetune 50`` on the 10 pairs. The whole command ``voxreg register A B --model
   brain3d-diff --moved out.nii.gz`` is also timed as a subprocess (start-up included) on
-  ``--cli-pairs`` pairs, and its moved image compared with the in-process call's.
+  ``--cli-pairs`` pairs, and its moved image compared with the in-process call's; by default
+  also on 1 thread (``OMP_NUM_THREADS=1``) and with ``OMP_WAIT_POLICY=PASSIVE``, because on a
+  shared machine OpenMP's busy-waiting threads slow the affine stage's many small operations
+  down by an order of magnitude.
 * ``ANTs SyN``: ``ants.registration(fixed, moving, type_of_transform="SyN")`` on the same raw
   files (``benchmarks/_ants_worker.py`` in ``.venv-ants``, one subprocess per pair, seed 2024),
   labels by ``genericLabel``; run on the 10 pairs (``--ants-pairs``) right after voxreg on the
@@ -49,6 +52,13 @@ its stages (what the command prints: affine, resample, network, compose) and the
 printed with ``os.getloadavg()``; tables give the 1-minute load over the method's timings.
 
     .venv/bin/python benchmarks/bench_native.py --copies          # everything (~1 h, 2 cores)
+
+While others edit ``src/`` in the same checkout, run it on a snapshot of a commit, so that the
+in-process calls and the command's subprocesses run the same code (the JSON records the
+imported package and its digest):
+
+    git archive HEAD src | tar -x -C /tmp/snap && \
+        PYTHONPATH=/tmp/snap/src .venv/bin/python benchmarks/bench_native.py --copies
     .venv/bin/python benchmarks/bench_native.py --pairs 6 --skip-ants --finetune-pairs 0
 """
 
@@ -155,7 +165,17 @@ def sha256(path: Path) -> str:
 
 
 def provenance() -> dict:
+    """The voxreg code and model actually imported (it may be a snapshot put first on
+    ``PYTHONPATH``), a digest of that package folder, and the checkout's git state."""
+    import voxreg
     from voxreg._runtime import MODELS_DIR
+
+    package = Path(voxreg.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".safetensors", ".json", ".nii", ".gz"):
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
 
     def git(*args):
         try:
@@ -163,9 +183,10 @@ def provenance() -> dict:
                                   timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"git_head": git("rev-parse", "HEAD"),
-            "src_uncommitted": git("status", "--porcelain", "--", "src").splitlines(),
-            "model_sha256_16": sha256(MODELS_DIR / f"{MODEL}.safetensors")}
+    return {"voxreg_package": str(package), "package_sha256_16": digest.hexdigest()[:16],
+            "model_sha256_16": sha256(MODELS_DIR / f"{MODEL}.safetensors"),
+            "checkout_git_head": git("rev-parse", "HEAD"),
+            "checkout_src_uncommitted": git("status", "--porcelain", "--", "src").splitlines()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,35 +379,51 @@ def run_raw(args, raw, ixi, pairs, ten, ants_set, vox, ants, results) -> dict:
     return kept
 
 
+CLI_VARIANTS = {
+    "2 threads": {},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
 def run_cli(args, raw, ten, kept, work: Path, results) -> None:
-    """The whole command as a subprocess (start-up, model loading and file writing included)."""
+    """The whole command as a subprocess (start-up, model loading and file writing included),
+    as it runs by default (torch's default threads: the cores) and, for comparison, on 1 thread
+    and with OpenMP's passive wait policy; the variants alternate per pair."""
+    import re
+
     from voxreg import io
 
     exe = ROOT / ".venv" / "bin" / "voxreg"
     out = []
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    variants = list(CLI_VARIANTS) if args.cli_variants else ["2 threads"]
     for pair in ten[: args.cli_pairs]:
         (m_img, _), (f_img, _) = nd.raw_paths(raw, pair[0]), nd.raw_paths(raw, pair[1])
-        target = work / f"cli_{pair[0]}__{pair[1]}.nii.gz"
-        target.unlink(missing_ok=True)
-        command = [str(exe), "register", str(m_img), str(f_img), "--model", MODEL,
-                   "--moved", str(target)]
-        tic = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - tic
-        entry = {"pair": nd.short(pair), "wall_seconds": wall, "load": load1(),
-                 "returncode": proc.returncode, "stdout": proc.stdout.strip()[-2000:],
-                 "stderr": proc.stderr.strip()[-2000:],
-                 "command": " ".join(command)}
-        if proc.returncode == 0 and pair in kept:
-            written = io.load_image(target).data
-            ours = kept[pair].astype(np.float64)
-            entry["max_abs_diff_vs_in_process"] = float(np.abs(written - ours).max())
-            entry["voxels_differing_vs_in_process"] = float((written != ours).mean())
-        out.append(entry)
-        print(f"CLI {entry['pair']}: {wall:.1f} s (rc {proc.returncode}); {loads()}; "
-              f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]}",
-              flush=True)
+        for variant in variants:
+            target = work / f"cli_{pair[0]}__{pair[1]}.nii.gz"
+            target.unlink(missing_ok=True)
+            command = [str(exe), "register", str(m_img), str(f_img), "--model", MODEL,
+                       "--moved", str(target)]
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+            env.update(CLI_VARIANTS[variant])
+            tic = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - tic
+            stages = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", proc.stdout)}
+            entry = {"pair": nd.short(pair), "variant": variant, "wall_seconds": wall,
+                     "load": load1(), "returncode": proc.returncode, "stages": stages,
+                     "stdout": proc.stdout.strip()[-2000:], "stderr": proc.stderr.strip()[-2000:],
+                     "command": " ".join(command), "env": CLI_VARIANTS[variant]}
+            if proc.returncode == 0 and pair in kept:
+                written = io.load_image(target).data
+                ours = kept[pair].astype(np.float64)
+                entry["max_abs_diff_vs_in_process"] = float(np.abs(written - ours).max())
+            out.append(entry)
+            print(f"CLI {entry['pair']} ({variant}): {wall:.1f} s (rc {proc.returncode}), "
+                  f"stages {stages}; {loads()}", flush=True)
+            if proc.returncode:
+                print(proc.stderr[-1000:], flush=True)
     results["cli"] = out
 
 
@@ -532,17 +569,21 @@ def report(results: dict, ten_names: list[str]) -> str:
                  for k, v in rows.items() if "dice_eval30" in v}
         out.append(md_table(rows, extra=extra))
     if results.get("cli"):
-        out.append("\n### the whole command as a subprocess (start-up included)\n")
-        out.append("| pair | wall s | rc | load 1-min | in-process register_files wall s (same pair)"
-                   " | moved image vs in-process: max abs diff |\n|---|---:|---:|---:|---:|---:|")
+        out.append("\n### the whole command as a subprocess: `voxreg register A B --model "
+                   "brain3d-diff --moved out.nii.gz` (start-up included)\n")
+        out.append("| pair | variant | wall s | affine stage s | network s | rc | load 1-min | "
+                   "in-process register_files wall s | moved vs in-process: max abs diff |\n"
+                   "|---|---|---:|---:|---:|---:|---:|---:|---:|")
         vr = raw.get("voxreg register", {})
         inproc = dict(zip(vr.get("pairs", []), vr.get("wall_seconds", [])))
         for entry in results["cli"]:
             p = entry["pair"]
             diff = entry.get("max_abs_diff_vs_in_process")
-            out.append(f"| {p} | {entry['wall_seconds']:.1f} | {entry['returncode']} | "
-                       f"{entry['load']:.1f} | {inproc.get(p, float('nan')):.1f} | "
-                       f"{'-' if diff is None else f'{diff:.3g}'} |")
+            st = entry.get("stages", {})
+            out.append(f"| {p} | {entry.get('variant', '')} | {entry['wall_seconds']:.1f} | "
+                       f"{st.get('affine', float('nan')):.1f} | {st.get('network', float('nan')):.1f}"
+                       f" | {entry['returncode']} | {entry['load']:.1f} | "
+                       f"{inproc.get(p, float('nan')):.1f} | {'-' if diff is None else f'{diff:.3g}'} |")
     return "\n".join(out)
 
 
@@ -560,6 +601,9 @@ def main(argv=None) -> int:
                    help="voxreg register --finetune on the first N of the 10 pairs (0: skip)")
     p.add_argument("--finetune-steps", type=int, default=50)
     p.add_argument("--cli-pairs", type=int, default=3, help="time the whole command on N pairs")
+    p.add_argument("--no-cli-variants", dest="cli_variants", action="store_false",
+                   help="time the command only as it runs by default (not also on 1 thread and "
+                   "with OMP_WAIT_POLICY=PASSIVE)")
     p.add_argument("--skip-brain1mm", action="store_true")
     p.add_argument("--skip-brain1mm-ants", action="store_true")
     p.add_argument("--threads", type=int, default=2)
@@ -631,8 +675,10 @@ def main(argv=None) -> int:
         summary += f"\nnote: {vox.note}"
     print(text + "\n" + summary, flush=True)
     end_prov = provenance()
-    if end_prov != start_prov:
-        print(f"warning: the library or model changed during the run: {start_prov} -> {end_prov}")
+    if (end_prov["package_sha256_16"], end_prov["model_sha256_16"]) != (
+            start_prov["package_sha256_16"], start_prov["model_sha256_16"]):
+        print(f"warning: the voxreg code or model changed during the run: {start_prov} -> "
+              f"{end_prov}")
     write_json(Path(args.json), {
         "model": MODEL, "ids": ids, "pairs": [list(q) for q in pairs],
         "ten_pairs": [list(q) for q in ten], "ants_pairs": [list(q) for q in ants_set],

@@ -4,6 +4,8 @@ interpolation, invariance to orientation and voxel size, and on real IXI scans a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from voxreg.data.locate import shared_data
 from voxreg.domain import ModelDomain, model_domain
 from voxreg.metrics import mean_dice_present
 from voxreg.nn.networks import VxmDense
+from voxreg.registration import InputRangeWarning, register
 
 DOMAIN_SHAPE = (24, 28, 24)
 DOMAIN_AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
@@ -108,12 +111,12 @@ def test_native_recovers_a_known_motion_in_world_space(reference, model):
     result = register_native(moving, fixed, model, DOMAIN, reference=reference[0],
                              reference_mask=reference[1], mask_dilation=1)
     fixed_points = _grid(fixed.shape, fixed.affine)
-    truth = np.tensordot(motion[:3, :3], fixed_points, axes=1) + motion[:3, 3].reshape(3, 1, 1, 1)
-    error = np.linalg.norm(fixed_points + result.world_disp - truth, axis=0)
+    error = _map_error(result, fixed, motion)
     brain = fixed_labels.data > 0
-    # well under a voxel (4-4.5 mm); a map in the wrong direction or frame is off by ~2 |motion|
-    assert np.median(error[brain]) < 2.0
-    assert np.percentile(error[brain], 95) < 4.0
+    # within one voxel of the reference grid (6 mm: the phantom's few edges limit the affine
+    # stages); a map in the wrong direction or frame is off by tens of millimetres
+    assert np.median(error[brain]) < 6.0
+    assert np.percentile(error[brain], 95) < 9.0
     # the world displacement and the voxel coordinates describe the same map
     moving_points = np.tensordot(moving.affine[:3, :3], result.coords, axes=1) + moving.affine[
         :3, 3].reshape(3, 1, 1, 1)
@@ -135,37 +138,39 @@ def test_moved_image_is_one_interpolation_of_the_original(reference, model):
     assert labels.dtype == np.int16 and set(np.unique(labels)) <= set(range(10))
 
 
+def _map_error(result, fixed, motion) -> np.ndarray:
+    """Distance (mm) between each fixed voxel's mapped point and where the motion puts it."""
+    points = _grid(fixed.shape, fixed.affine)
+    truth = np.tensordot(motion[:3, :3], points, axes=1) + motion[:3, 3].reshape(3, 1, 1, 1)
+    return np.linalg.norm(points + result.world_disp - truth, axis=0)
+
+
 def test_orientation_and_voxel_size_invariance(reference, model):
-    """The same fixed scan stored flipped and permuted (another orientation, same world image),
-    or on a grid of half the voxel size, gives the same registration in the world."""
-    moving, moving_labels = _scan((36, 40, 34), (4.5, 4.5, 4.5), (8, 0, 0),
-                                  world_motion=_motion((4, 0, -6), (-4.0, 6.0, 0.0)))
+    """The same fixed scan stored flipped and permuted (another orientation, same world image)
+    gives the same map in the world; on a grid of half the voxel size the map is as right."""
+    motion = _motion((4, 0, -6), (-4.0, 6.0, 0.0))
+    moving, _ = _scan((36, 40, 34), (4.5, 4.5, 4.5), (8, 0, 0), world_motion=motion)
     fixed, fixed_labels = _scan((36, 40, 36), (4.0, 4.0, 4.0), (0, 0, 6))
-    base = register_native(moving, fixed, model, DOMAIN, reference=reference[0],
-                           reference_mask=reference[1])
+    brain = fixed_labels.data > 0
+    options = dict(reference=reference[0], reference_mask=reference[1])
+    base = register_native(moving, fixed, model, DOMAIN, **options)
     # another orientation: array axes permuted and flipped, affine adjusted (same world grid)
     data = np.flip(np.transpose(fixed.data, (2, 0, 1)), axis=0)
     perm = np.zeros((4, 4))
-    perm[3, 3] = 1
-    perm[2, 0] = 1  # new axis 0 is old axis 2 (flipped)
-    perm[0, 1] = 1
-    perm[1, 2] = 1
+    perm[3, 3] = perm[2, 0] = perm[0, 1] = perm[1, 2] = 1  # old index = perm @ new index
     flip = np.eye(4)
     flip[0, 0], flip[0, 3] = -1, fixed.shape[2] - 1
     reoriented = io.Image(np.ascontiguousarray(data), fixed.affine @ perm @ flip)
-    other = register_native(moving, reoriented, model, DOMAIN, reference=reference[0],
-                            reference_mask=reference[1])
+    other = register_native(moving, reoriented, model, DOMAIN, **options)
     back = np.transpose(np.flip(other.world_disp, axis=1), (0, 2, 3, 1))
-    brain = fixed_labels.data > 0
-    assert np.median(np.linalg.norm(back - base.world_disp, axis=0)[brain]) < 1.0  # mm
-    # half the voxel size: labels carried onto the fine grid agree with the fine fixed labels
+    assert np.median(np.linalg.norm(back - base.world_disp, axis=0)[brain]) < 0.5  # mm
+    # half the voxel size, and an anisotropic grid: the map is right on each
     fine, fine_labels = _scan((72, 80, 72), (2.0, 2.0, 2.0), (0, 0, 6))
-    on_fine = register_native(moving, fine, model, DOMAIN, reference=reference[0],
-                              reference_mask=reference[1])
-    dice_fine = mean_dice_present(fine_labels.data, on_fine.resample(moving_labels, "label"))
-    dice_base = mean_dice_present(fixed_labels.data, base.resample(moving_labels, "label"))
-    assert dice_base > 0.85 and dice_fine > 0.85
-    assert abs(dice_fine - dice_base) < 0.05
+    thick, thick_labels = _scan((72, 80, 24), (2.0, 2.0, 6.0), (0, 0, 6))
+    for grid, labels in ((fixed, fixed_labels), (fine, fine_labels), (thick, thick_labels)):
+        result = register_native(moving, grid, model, DOMAIN, **options)
+        error = _map_error(result, grid, motion)[labels.data > 0]
+        assert np.median(error) < 6.0, grid.shape  # mm: one voxel of the reference grid
 
 
 def test_shipped_3d_models_record_their_domain():
@@ -216,3 +221,20 @@ def _affine_coords(result) -> np.ndarray:
     shape = native.coords.shape[1:]
     index = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
     return np.tensordot(matrix[:3, :3], index, axes=1) + matrix[:3, 3].reshape(3, 1, 1, 1)
+
+
+def test_scanner_units_into_a_model_trained_on_unit_range_warn():
+    """In Python, 0..255 (or scanner-unit) images given straight to a shipped model warn, naming
+    the input and the remedy; images in [0, 1] do not."""
+
+
+    model = load_model("brain2d-smooth")
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 112)).astype(np.float32)
+    with pytest.warns(InputRangeWarning, match=r"moving intensities span .*voxreg\.register_files"):
+        register(model, image * 255, image)
+
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputRangeWarning)
+        register(model, image, image)

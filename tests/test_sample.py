@@ -48,3 +48,15 @@ def test_sample_errors_name_the_argument():
         T.sample(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="coords"):
         T.sample(torch.zeros(1, 1, 4, 4), torch.full((1, 2, 2, 2), float("nan")))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int16, np.int32])
+def test_label_interpolation_keeps_any_integer_dtype(dtype):
+    """FreeSurfer aseg maps come as uint16: every integer dtype is carried, values exact."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 60, (1, 1, 6, 7, 5)).astype(dtype)
+    coords = T.identity_grid((6, 7, 5), dtype=torch.float64)[None] + 0.3
+    out = T.sample(torch.from_numpy(labels), coords, "label")
+    reference = T.sample(torch.from_numpy(labels.astype(np.int64)), coords, "label")
+    assert out.numpy().dtype == dtype
+    np.testing.assert_array_equal(out.numpy().astype(np.int64), reference.numpy())

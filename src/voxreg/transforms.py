@@ -405,6 +405,8 @@ def _sample_labels(image: Tensor, grid: Tensor, fill_value: float) -> Tensor:
         image: ``(B, C, *spatial)`` labels (any dtype; the values are compared exactly).
         grid: ``(B, *out_spatial, ndim)`` normalised ``ij`` coordinates (``align_corners``).
     """
+    if image.dtype in (torch.uint16, torch.uint32):  # torch's gather lacks these: compute in int64
+        return _sample_labels(image.to(torch.int64), grid, fill_value).to(image.dtype)
     batch, channels = image.shape[:2]
     shape = image.shape[2:]
     ndim = len(shape)

@@ -29,6 +29,7 @@ world matrices pull back (``reference -> scan``, ``fixed -> moving``), as
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,14 @@ from voxreg.affine import register_affine
 from voxreg.domain import ModelDomain
 from voxreg.registration import finetune, register
 
-__all__ = ["NativeResult", "align_to_reference", "domain_coords", "register_native"]
+__all__ = [
+    "NativeResult",
+    "align_to_reference",
+    "domain_coords",
+    "header_unknown",
+    "orient_to_reference",
+    "register_native",
+]
 
 
 @dataclass
@@ -141,6 +149,70 @@ def _sample(data: np.ndarray, coords: np.ndarray, interp: str = "linear") -> np.
     return T.sample(tensor, torch.from_numpy(coords)[None], interp=interp)[0, 0].numpy()
 
 
+def header_unknown(image: io.Image) -> bool:
+    """Whether a scan's header carries no orientation: its affine is the identity, as numpy files
+    and NIfTI files written without one have (voxreg then cannot know which way the head
+    faces)."""
+    return bool(np.allclose(image.affine, np.eye(4)))
+
+
+def _signed_permutations(ndim: int = 3):
+    """The 48 axis-aligned orientations of a 3D grid: every permutation of the axes with every
+    choice of signs (reflections included: a header that lost its orientation may also have lost
+    its handedness)."""
+    for perm in itertools.permutations(range(ndim)):
+        for signs in itertools.product((1.0, -1.0), repeat=ndim):
+            matrix = np.zeros((ndim, ndim))
+            for axis, (target, sign) in enumerate(zip(perm, signs)):
+                matrix[target, axis] = sign
+            yield matrix
+
+
+def _coarse(image: io.Image, spacing: float) -> io.Image:
+    """``image`` smoothed and decimated to about ``spacing`` mm (for a quick search)."""
+    sizes = np.asarray(io.voxel_sizes(image.affine, 3))
+    steps = np.maximum(1, np.round(spacing / sizes)).astype(int)
+    data = ndimage.gaussian_filter(np.asarray(image.data, np.float32), steps / 2.0)
+    data = data[tuple(slice(0, None, k) for k in steps)]
+    affine = image.affine @ np.diag([*steps.astype(float), 1.0])
+    return io.Image(np.ascontiguousarray(data), affine)
+
+
+def orient_to_reference(image: io.Image, reference: io.Image, spacing: float = 6.0,
+                        handedness: float | None = None) -> np.ndarray:
+    """An affine for a scan whose header carries no orientation (:func:`header_unknown`): of the
+    axis-aligned orientations (centred on the grid, with the header's voxel size), the one whose
+    quick affine registration to ``reference`` fits best (mutual information, on copies
+    decimated to about ``spacing`` mm).
+
+    A brain and its mirror image fit a reference almost equally well, so the handedness (the
+    sign of the orientation's determinant) is better given than searched: ``handedness`` +1 or
+    -1 restricts the search to the 24 orientations of that sign (:func:`register_native` passes
+    the other scan's), ``None`` searches all 48.
+
+    Returns:
+        ``(4, 4)`` voxel -> world matrix to use for ``image`` in the reference's space.
+    """
+    sizes = np.asarray(io.voxel_sizes(image.affine, 3))
+    centre = (np.asarray(image.shape) - 1) / 2
+    small = _coarse(image, spacing)
+    small_reference = _coarse(reference, spacing)
+    best, best_loss = image.affine, np.inf
+    for matrix in _signed_permutations():
+        if handedness is not None and np.sign(np.linalg.det(matrix)) != np.sign(handedness):
+            continue
+        candidate = np.eye(4)
+        candidate[:3, :3] = matrix * sizes
+        candidate[:3, 3] = -candidate[:3, :3] @ centre
+        steps = np.diag(small.affine)[:3] / np.diag(image.affine)[:3]
+        trial = io.Image(small.data, candidate @ np.diag([*steps, 1.0]))
+        loss = register_affine(trial, small_reference, levels=(1,), iterations=(30,),
+                               rigid_iterations=15, max_points=4096).loss
+        if loss < best_loss:
+            best, best_loss = candidate, loss
+    return best
+
+
 def align_to_reference(image: io.Image, domain: ModelDomain, *, mask_dilation: int = 1,
                        reference: io.Image | None = None,
                        reference_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +296,14 @@ def register_native(
     tic = time.perf_counter()
     reference = domain.reference_image() if reference is None else reference
     brain = domain.reference_mask() if reference_mask is None else np.asarray(reference_mask, bool)
+    original = {"moving": moving.affine, "fixed": fixed.affine}
+    if header_unknown(fixed):
+        fixed = io.Image(fixed.data, orient_to_reference(fixed, reference), fixed.header,
+                         fixed.path)
+    if header_unknown(moving):  # the fixed scan's handedness (see orient_to_reference)
+        moving = io.Image(moving.data, orient_to_reference(
+            moving, reference, handedness=np.linalg.det(fixed.affine[:3, :3])), moving.header,
+            moving.path)
     ref_to_fixed, fixed_mask = align_to_reference(fixed, domain, mask_dilation=mask_dilation,
                                                   reference=reference, reference_mask=brain)
     ref_to_moving, moving_mask = align_to_reference(moving, domain, mask_dilation=mask_dilation,
@@ -253,11 +333,19 @@ def register_native(
     seconds["network"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    coords, world_disp = _through_domain(fixed, moving, ref_to_fixed, ref_to_moving, disp, domain)
+    coords, _ = _through_domain(fixed, moving, ref_to_fixed, ref_to_moving, disp, domain)
     inverse_coords = None
     if inverse:
         inverse_coords, _ = _through_domain(moving, fixed, ref_to_moving, ref_to_fixed,
                                             _field(result.inverse_disp, domain), domain)
+    # world quantities in the scans' own header frames (which differ from the working frames
+    # only for a scan whose header carried no orientation)
+    fixed_points = _grid_points(fixed.shape, original["fixed"])
+    world_disp = (_apply(original["moving"], coords) - fixed_points).astype(np.float32)
+    to_original = {name: original[name] @ np.linalg.inv(image.affine)
+                   for name, image in (("moving", moving), ("fixed", fixed))}
+    ref_to_fixed = to_original["fixed"] @ ref_to_fixed
+    ref_to_moving = to_original["moving"] @ ref_to_moving
     seconds["compose"] = time.perf_counter() - tic
     return NativeResult(
         coords=coords, world_disp=world_disp,

@@ -40,10 +40,12 @@ from voxreg.registration.finetuning import (
     finetune,
 )
 from voxreg.registration.model import loss_settings, model_ndim
+from voxreg.registration.pairs import InputRangeWarning
 from voxreg.registration.predict import InverseApproximationWarning, RegistrationResult, register
 
 __all__ = [
     "DEFAULT_FINETUNE_STEPS",
+    "InputRangeWarning",
     "DEFAULT_LR",
     "FinetuneResult",
     "InverseApproximationWarning",

@@ -8,6 +8,7 @@ the input's type, dtype, device and leading axes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from voxreg.registration.model import model_features, model_ndim
 
-__all__ = ["Pair", "check_model", "make_pair"]
+__all__ = ["InputRangeWarning", "Pair", "check_intensity_range", "check_model", "make_pair"]
 
 
 def _as_tensor(value: Any, name: str) -> tuple[Tensor, bool]:
@@ -100,6 +101,37 @@ class Pair:
         return value.to(self.out_device).clone()
 
 
+class InputRangeWarning(UserWarning):
+    """An image's intensities lie far outside the range the model was trained on."""
+
+
+def check_intensity_range(model: nn.Module, image: Tensor, name: str) -> None:
+    """Warn (:class:`InputRangeWarning`) when the model's file says it was trained on images
+    scaled to [0, 1] (``metadata["domain"]["normalize"]``) and ``image`` spans far more: a scan
+    in scanner units (0..5000) or 0..255 gives a useless field without it.
+
+    >>> model = nn.Identity()
+    >>> model.metadata = {"domain": {"normalize": {"method": "minmax"}}}
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     check_intensity_range(model, torch.full((1, 1, 2, 2), 255.0), "moving")
+    >>> caught[0].category.__name__
+    'InputRangeWarning'
+    """
+    meta = getattr(model, "metadata", None)
+    domain = meta.get("domain") if isinstance(meta, dict) else None
+    method = (domain or {}).get("normalize", {}).get("method") if isinstance(domain, dict) else None
+    if method not in ("minmax", "percentile") or image.numel() == 0:
+        return
+    low, high = float(image.min()), float(image.max())
+    if high > 1.5 or low < -0.5:
+        warnings.warn(
+            f"{name} intensities span [{low:.4g}, {high:.4g}], but the model was trained on images "
+            "scaled to [0, 1]: scale them first (voxreg.io.normalize), or use "
+            "voxreg.register_files, which brings scans into the model's domain",
+            InputRangeWarning, stacklevel=4)
+
+
 def check_model(model: nn.Module) -> None:
     """Raise a ``TypeError`` naming the type unless ``model`` is a ``torch.nn.Module``."""
     if not isinstance(model, nn.Module):
@@ -123,6 +155,8 @@ def make_pair(model: nn.Module, moving: Any, fixed: Any) -> Pair:
     fixed_t, _ = _as_tensor(fixed, "fixed")
     src, moving_extra = _standardise(moving_t, "moving", ndim, model_features(model, "src_feats"))
     trg, fixed_extra = _standardise(fixed_t, "fixed", ndim, model_features(model, "trg_feats"))
+    check_intensity_range(model, src, "moving")
+    check_intensity_range(model, trg, "fixed")
     if src.shape[2:] != trg.shape[2:]:
         raise ValueError(
             f"moving and fixed must share a spatial shape, got {tuple(src.shape[2:])} and "
