@@ -31,8 +31,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import Tensor, nn
 
-from voxreg import plot, registration
+from voxreg import plot
 from voxreg import transforms as T
+from voxreg._runtime import model_device
 from voxreg.checkpoint import load_checkpoint
 from voxreg.data import ScanToScanDataset, evaluation_pairs
 from voxreg.data.locate import shared_data, shared_data_candidates
@@ -236,15 +237,11 @@ def pair_dice(fixed_labels: np.ndarray, moved_labels: np.ndarray,
     return mean_dice_present(fixed_labels, moved_labels, moving_labels)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return registration._model_device(model)
-
-
 def register_pairs(model: nn.Module, images: np.ndarray, pairs: np.ndarray,
                    batch_size: int = 16) -> tuple[Tensor, Tensor]:
     """``(moved, disp)`` for ``pairs`` of ``images`` (``(N, H, W)``), CPU tensors
     ``(P, 1, H, W)`` and ``(P, 2, H, W)``."""
-    device = _model_device(model)
+    device = model_device(model)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
     moved, disps = [], []
@@ -303,7 +300,7 @@ def evaluate_brain2d(
 
     seconds = float("nan")
     if timing:
-        device = _model_device(model)
+        device = model_device(model)
         x = torch.as_tensor(images)[:, None]
         was_training = model.training
         model.eval()

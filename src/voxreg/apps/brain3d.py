@@ -35,6 +35,7 @@ from torch import nn
 
 from voxreg import plot, registration
 from voxreg import transforms as T
+from voxreg._runtime import model_device
 from voxreg.checkpoint import load_checkpoint, load_model
 from voxreg.data import ScanToScanDataset, evaluation_pairs
 from voxreg.data.locate import shared_data, shared_data_candidates
@@ -292,15 +293,11 @@ def pair_dice(fixed_labels: np.ndarray, moved_labels: np.ndarray,
     return mean_dice_present(fixed_labels, moved_labels, moving_labels)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return registration._model_device(model)
-
-
 def register_pair(model: nn.Module, moving: np.ndarray, fixed: np.ndarray
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(moved, disp, seconds)`` of one pair of ``(D, H, W)`` volumes (CPU tensors
     ``(1, 1, D, H, W)`` and ``(1, 3, D, H, W)``; seconds of the forward pass)."""
-    device = _model_device(model)
+    device = model_device(model)
     x = torch.as_tensor(np.asarray(moving, dtype=np.float32))[None, None].to(device)
     y = torch.as_tensor(np.asarray(fixed, dtype=np.float32))[None, None].to(device)
     was_training = model.training

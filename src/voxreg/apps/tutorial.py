@@ -132,12 +132,12 @@ def _figures(case: str, title: str, moving, fixed, moved, disp, out_dir: Path,
     fig = plot.slices(images, titles=titles, do_colorbars=True, grid=(k, 3), width=7.5,
                       imshow_args={"vmin": 0.0, "vmax": vmax})
     fig.suptitle(title)
-    plot._save(fig, slices_path)
+    plot.save_figure(fig, slices_path)
     flow_path = out_dir / f"{case}_flow.png"
     fig = plot.flow(list(disp[:k]), titles=[f"flow {i} (voxels)" for i in range(k)],
                     stride=2, background=list(fixed[:k]), width=max(3.2 * k, 5.0), do_colorbars=True)
     fig.suptitle(f"{title}: displacements, on the fixed image")
-    plot._save(fig, flow_path)
+    plot.save_figure(fig, flow_path)
     return {"pairs": str(slices_path), "flow": str(flow_path)}
 
 

@@ -46,4 +46,3 @@ __all__ = [
 ]
 
 # The name voxreg.apps.tutorial calls; save_figure is the public one.
-_save = save_figure

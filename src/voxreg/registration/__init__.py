@@ -32,7 +32,6 @@ The package: :mod:`~voxreg.registration.model` (what a model says about itself),
 ((16, 16), (2, 16, 16))
 """
 
-from voxreg._runtime import model_device
 from voxreg.registration.finetuning import (
     DEFAULT_FINETUNE_STEPS,
     DEFAULT_LR,
@@ -56,5 +55,3 @@ __all__ = [
     "register",
 ]
 
-# The name voxreg.apps.brain2d and brain3d call; voxreg._runtime.model_device is the one copy.
-_model_device = model_device

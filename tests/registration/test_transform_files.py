@@ -201,7 +201,7 @@ def ants_python() -> Path | None:
     override = os.environ.get("VOXREG_ANTS_PYTHON")
     if override:
         return Path(override) if Path(override).exists() else None
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     candidates = [repo / ".venv-ants" / "bin" / "python"]
     dot_git = repo / ".git"
     if dot_git.is_file():  # a linked git worktree: the environments live in the main checkout

@@ -13,7 +13,7 @@ import torch
 
 from voxreg.checkpoint import list_models, load_model
 
-REFERENCE = json.loads((Path(__file__).parent / "data" / "shipped_outputs.json").read_text())
+REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "shipped_outputs.json").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))

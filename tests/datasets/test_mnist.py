@@ -19,7 +19,7 @@ import voxreg
 from voxreg.apps import tutorial as tutorials
 from voxreg.data import load_mnist, prepare_digits
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _mnist(split: str, digit: int) -> np.ndarray:

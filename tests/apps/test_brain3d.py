@@ -19,7 +19,7 @@ HAVE_IXI = (brain3d.data_dir() / "splits.json").is_file()
 needs_ixi = pytest.mark.skipif(not HAVE_IXI, reason="IXI 3D data (ixi/) not available")
 SHIPPED = MODELS_DIR / "brain3d.safetensors"
 needs_shipped = pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped brain3d model")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # half of the mean Dice gain measured for the shipped model on 10 validation pairs (see the
 # model's metadata: dice_after - dice_before_affine); read from the file so that a retrained
