@@ -238,3 +238,10 @@ def test_scanner_units_into_a_model_trained_on_unit_range_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputRangeWarning)
         register(model, image, image)
+
+
+def test_a_2d_scan_for_a_3d_model_is_named():
+    flat = io.Image(np.zeros((40, 40), np.float32), np.eye(4))
+    volume = io.Image(np.zeros((20, 22, 18), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"moving image <in memory> is 2D .* the model is 3D"):
+        register_files(flat, volume, "brain3d-diff", progress=False)

@@ -32,6 +32,7 @@ from voxreg.apps.files import (
     ModelLike,
     PathLike,
     as_image,
+    describe,
     fit_rank,
     model_normalize,
     prepare_pair,
@@ -367,7 +368,11 @@ def _use_native(pipeline: str, domain: ModelDomain | None, ndim: int, affine: bo
     if not usable or affine or resample:
         return False
     mov, fix = as_image(moving, "moving"), as_image(fixed, "fixed")
-    if mov.channels or fix.channels or mov.ndim != 3 or fix.ndim != 3:
+    for name, image in (("moving", mov), ("fixed", fix)):
+        if image.ndim != 3:
+            raise ValueError(f"{name} image {describe(image)} is {image.ndim}D (shape "
+                             f"{image.shape}) but the model is 3D")
+    if mov.channels or fix.channels:
         return False
     return not (domain.on_grid(mov) and domain.on_grid(fix))
 
