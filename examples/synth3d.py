@@ -58,7 +58,7 @@ import torch
 
 import voxreg
 from voxreg.apps import brain3d
-from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model
+from voxreg.checkpoint import MODELS_DIR, load_checkpoint, save_model, warm_start
 from voxreg.data.synthesis import (
     ImageSynthesis,
     LabelSynthesis,
@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model.flow.weight.normal_(0.0, args.flow_init_std)
     if not (run / CHECKPOINT_NAME).is_file():
         if args.init_from is not None:
-            copied = brain3d.warm_start(model, args.init_from)
+            copied = warm_start(model, args.init_from)
             print(f"warm start: {copied} tensors from {args.init_from}", flush=True)
         if args.inflate_from is not None:
             copied = inflate_weights(model, voxreg.load_model(args.inflate_from))

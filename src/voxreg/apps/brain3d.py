@@ -36,7 +36,7 @@ from torch import nn
 from voxreg import plot, registration
 from voxreg import transforms as T
 from voxreg._runtime import model_device
-from voxreg.checkpoint import load_checkpoint, load_model
+from voxreg.checkpoint import load_checkpoint, warm_start
 from voxreg.data import ScanToScanDataset, evaluation_pairs
 from voxreg.data.locate import shared_data, shared_data_candidates
 from voxreg.io import load_image, load_labels
@@ -56,7 +56,6 @@ __all__ = [
     "pair_dice",
     "train_brain3d",
     "val_pairs",
-    "warm_start",
 ]
 
 RELATIVE_DATA = Path("ixi")
@@ -147,26 +146,6 @@ def make_model(nb_features: Sequence[Sequence[int]] | None = None,
                     int_downsize=int(int_downsize), bidir=bool(bidir))
 
 
-def warm_start(model: VxmDense, source: str | os.PathLike | nn.Module) -> int:
-    """Copy into ``model`` every weight of ``source`` (a checkpoint path, a shipped model name or
-    a module) whose name and shape match; returns how many tensors were copied.
-
-    Used to start a diffeomorphic model from the plain one: the UNet and flow head are the same
-    layers, and for the small deformations of affinely aligned brains the velocity that
-    integrates to a displacement is close to that displacement, so the copied head is a good
-    first guess of the velocity; training then adapts it.
-    """
-    other = source if isinstance(source, nn.Module) else load_model(source)
-    theirs = other.state_dict()
-    mine = model.state_dict()
-    copied = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
-    if not copied:
-        raise ValueError(f"warm start: no weight of {source!r} matches the model's")
-    mine.update(copied)
-    model.load_state_dict(mine)
-    return len(copied)
-
-
 def train_brain3d(
     out_dir: str | os.PathLike,
     epochs: int,
@@ -219,7 +198,7 @@ def train_brain3d(
             VoxelMorph); with ``bidir`` the image term is ``0.5 MSE(fixed, moved) +
             0.5 MSE(moving, moved_fixed)``.
         init_from: a model (path or shipped name) whose matching weights start a *new* run
-            (:func:`warm_start`); ignored when resuming.
+            (:func:`voxreg.checkpoint.warm_start`); ignored when resuming.
 
     Returns:
         ``(model, history)``: the trained model (eval mode) and the per-epoch history.
