@@ -1,4 +1,4 @@
-"""2D brain registration on IXI axial slices (the seed's "2D brain" section).
+"""2D brain registration on IXI axial slices (VoxelMorph's tutorial, "2D brain" section).
 
 Two :class:`~voxreg.nn.networks.VxmDense` models (plain displacement, ``int_steps=0``) are trained
 subject-to-subject on the 121 axial training slices of ``ixi2d.npz`` with
@@ -57,7 +57,7 @@ __all__ = [
 
 RELATIVE_DATA = Path("ixi2d") / "ixi2d.npz"
 INSHAPE = (96, 112)
-# the seed tutorial's features for 2D (its MNIST section): encoder, decoder
+# VoxelMorph's tutorial features for 2D (its MNIST section): encoder, decoder
 SEED_FEATURES = [[32, 32, 32, 32], [32, 32, 32, 32, 32, 16]]
 DATA_CREDIT = (
     "IXI dataset (https://brain-development.org/ixi-dataset/), CC BY-SA 3.0; axial slices of "
@@ -120,7 +120,7 @@ def val_pairs(n: int, count: int = 50, seed: int = 0) -> np.ndarray:
 def make_model(nb_features: Sequence[Sequence[int]] | None = None,
                inshape: Sequence[int] = INSHAPE) -> VxmDense:
     """The 2D brain model: ``VxmDense(inshape, nb_features, int_steps=0)``
-    (default features: the seed's, :data:`SEED_FEATURES`)."""
+    (default features: VoxelMorph's tutorial's, :data:`SEED_FEATURES`)."""
     features = SEED_FEATURES if nb_features is None else [list(f) for f in nb_features]
     return VxmDense(inshape=tuple(inshape), nb_features=features, int_steps=0)
 
@@ -158,7 +158,7 @@ def train_brain2d(
             epoch so far would exceed it (at least one epoch is trained). ``None``: train all
             ``epochs``.
         lr, batch_size: Adam learning rate and pairs per step.
-        nb_features: UNet features (default the seed's 2D features).
+        nb_features: UNet features (default VoxelMorph's tutorial's 2D features).
         data: a dict as from :func:`load_ixi2d`, or a path to ``ixi2d.npz``.
         n_val_pairs: validation pairs evaluated after each epoch (0: none).
 
@@ -359,7 +359,7 @@ def compare_figure(
     width: float = 12.0,
     flow_scale: float = 1.0,
 ) -> Path:
-    """The seed's side-by-side figure, one row per pair: moving, fixed, moved by each model
+    """VoxelMorph's tutorial's side-by-side figure, one row per pair: moving, fixed, moved by each model
     (:func:`voxreg.plot.slices`) and the two flows (:func:`voxreg.plot.flow`), saved as one PNG.
 
     Slices are shown anterior up (``numpy.rot90``), the fields rotated with them and drawn at

@@ -1,4 +1,4 @@
-"""3D brain registration on IXI volumes (the seed's part 3): a first model trained on CPU.
+"""3D brain registration on IXI volumes (VoxelMorph's 3D brain tutorial): a first model trained on CPU.
 
 A :class:`~voxreg.nn.networks.VxmDense` model (plain displacement, ``int_steps=0``) with the
 VoxelMorph features ``[[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]]`` is trained
@@ -139,7 +139,7 @@ def make_model(nb_features: Sequence[Sequence[int]] | None = None,
                inshape: Sequence[int] = INSHAPE, int_steps: int = 0, int_downsize: int = 2,
                bidir: bool = False) -> VxmDense:
     """The 3D brain model: ``VxmDense(inshape, nb_features, int_steps)`` (default features:
-    VoxelMorph's, :data:`FEATURES`). ``int_steps=0`` is the plain model of the seed;
+    VoxelMorph's, :data:`FEATURES`). ``int_steps=0`` is VoxelMorph's plain model;
     ``int_steps=7, int_downsize=2, bidir=True`` the diffeomorphic, bidirectional one."""
     features = FEATURES if nb_features is None else [list(f) for f in nb_features]
     return VxmDense(inshape=tuple(inshape), nb_features=features, int_steps=int(int_steps),

